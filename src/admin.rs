@@ -1,0 +1,158 @@
+//! The admin listener: probes, metrics, token status and two control
+//! endpoints, as one `match`. It only reads the token source; the one thing it
+//! can ask for (a forced refresh) goes through the token handle's door.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::proxy::body::ProxyBody;
+use crate::proxy::error::json_error;
+use crate::token::TokenHandle;
+
+pub struct Admin {
+    pub token: Arc<TokenHandle>,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Arc<Lifecycle>,
+    pub allow_remote_control: bool,
+}
+
+impl Admin {
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let get = matches!(*req.method(), Method::GET | Method::HEAD);
+        let post = req.method() == Method::POST;
+        match req.uri().path() {
+            "/healthz" if get => text(StatusCode::OK, "ok\n"),
+            "/readyz" if get => self.ready(),
+            "/metrics" if get => {
+                let body = self.metrics.render(self.token.usable().is_some());
+                let mut r = text(StatusCode::OK, body);
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(Metrics::CONTENT_TYPE),
+                );
+                r
+            }
+            "/status" if get => json_response(StatusCode::OK, self.status_json()),
+            "/admin/refresh" | "/admin/shutdown" if post && !self.control_allowed(peer) => {
+                json_response(
+                    StatusCode::FORBIDDEN,
+                    json!({"error": "forbidden", "message": "control endpoints accept loopback callers only (admin.allow_remote_control)"}),
+                )
+            }
+            "/admin/refresh" if post => match self.token.refresh_now().await {
+                Some(report) => {
+                    let status = if report.error.is_none() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::BAD_GATEWAY
+                    };
+                    json_response(status, serde_json::to_value(report).unwrap_or_default())
+                }
+                None => json_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"error": "refresher_unavailable"}),
+                ),
+            },
+            "/admin/shutdown" if post => {
+                self.lifecycle.begin_shutdown("POST /admin/shutdown");
+                json_response(StatusCode::ACCEPTED, json!({"shutdown": "started"}))
+            }
+            "/healthz" | "/readyz" | "/metrics" | "/status" | "/admin/refresh"
+            | "/admin/shutdown" => {
+                let mut r = Response::new(ProxyBody::full(Bytes::from(json_error(
+                    "method_not_allowed",
+                    "method not allowed",
+                ))));
+                *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                r
+            }
+            _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
+        }
+    }
+
+    fn control_allowed(&self, peer: SocketAddr) -> bool {
+        self.allow_remote_control
+            || peer.ip().is_loopback()
+            || peer.ip().to_canonical().is_loopback()
+    }
+
+    fn ready(&self) -> Response<ProxyBody> {
+        if self.lifecycle.is_draining() {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ready": false, "reason": "draining"}),
+            );
+        }
+        if self.token.usable().is_some() {
+            return json_response(StatusCode::OK, json!({"ready": true}));
+        }
+        let s = self.token.status();
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({
+                "ready": false,
+                "reason": if s.generation == 0 { "no_token_yet" } else { "token_expired" },
+                "last_error": s.last_error,
+                "retry_after_secs": self.token.retry_after(),
+            }),
+        )
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let s = self.token.status();
+        let now = SystemTime::now();
+        let unix = |t: Option<SystemTime>| {
+            t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+        };
+        let seconds_left = s
+            .expires_at
+            .map(|e| e.duration_since(now).map(|d| d.as_secs()).unwrap_or(0));
+        json!({
+            "valid": self.token.usable().is_some(),
+            "draining": self.lifecycle.is_draining(),
+            "generation": s.generation,
+            "obtained_at": unix(s.obtained_at),
+            "expires_at": unix(s.expires_at),
+            "seconds_left": seconds_left,
+            "grant": s.grant,
+            "last_attempt_at": unix(s.last_attempt_at),
+            "last_grant": s.last_grant,
+            "last_outcome": s.last_outcome,
+            "last_error": s.last_error,
+            "consecutive_failures": s.consecutive_failures,
+            "next_attempt_in_secs": s.next_attempt.saturating_duration_since(tokio::time::Instant::now()).as_secs(),
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::full(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}

@@ -1,0 +1,235 @@
+//! Assembles a running sidecar from a [`Config`]: token source, proxy and
+//! admin servers, and the shutdown sequence. The binary and the tests both
+//! start the sidecar through [`start`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::admin::Admin;
+use crate::config::Config;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::serve::{ServeOptions, Server};
+use crate::token::client::{HttpTokenClient, TokenEndpoint};
+use crate::token::{refresher, TokenHandle};
+
+/// Largest request head the proxy accepts; beyond it, 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot build the token endpoint client")]
+    Client(#[source] reqwest::Error),
+    #[error("invalid upstream URL")]
+    Upstream(#[source] http::Error),
+}
+
+/// A running sidecar.
+pub struct Running {
+    pub proxy_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub token: Arc<TokenHandle>,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Arc<Lifecycle>,
+    proxy_server: Server,
+    admin_server: Server,
+    refresher: JoinHandle<()>,
+    drain_delay: Duration,
+    grace: Duration,
+}
+
+/// Starts against the token endpoint the config names.
+pub async fn start(config: &Config) -> Result<Running, StartError> {
+    let tls = crate::tls::client_config(config.oauth.ca_file.as_deref())?;
+    let endpoint = HttpTokenClient::new(config.oauth.clone(), tls).map_err(StartError::Client)?;
+    start_with(config, endpoint).await
+}
+
+/// Starts with any token endpoint (tests use in-memory ones).
+pub async fn start_with<E: TokenEndpoint>(
+    config: &Config,
+    endpoint: E,
+) -> Result<Running, StartError> {
+    // Bind first: a port in use must fail start-up before any token request.
+    let mut proxy_listeners = Vec::new();
+    for addr in &config.proxy.listen {
+        match TcpListener::bind(addr).await {
+            Ok(l) => proxy_listeners.push(l),
+            // A pod without IPv6 has no [::1]: serve on the other loopback.
+            Err(e) if addr.is_ipv6() && config.proxy.listen.len() > 1 && ipv6_unavailable(&e) => {
+                warn!(%addr, error = %e, "IPv6 loopback unavailable; not listening there");
+            }
+            Err(source) => {
+                return Err(StartError::Bind {
+                    addr: *addr,
+                    source,
+                })
+            }
+        }
+    }
+    let admin_listener = TcpListener::bind(config.admin.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.admin.listen,
+            source,
+        })?;
+    let proxy_addrs: Vec<SocketAddr> = proxy_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.admin.listen,
+            source,
+        })?;
+
+    let metrics = Arc::new(Metrics::new());
+    let settings = refresher::Settings {
+        refresh: config.refresh.clone(),
+        oauth_timeout: config.oauth.timeout,
+        secrets: vec![
+            config.oauth.client_secret.clone(),
+            config.oauth.password.clone(),
+        ],
+    };
+    let (token, refresher) = refresher::spawn(endpoint, settings, metrics.clone(), fastrand::f64);
+    let lifecycle = Arc::new(Lifecycle::new());
+
+    let upstream_tls = crate::tls::client_config(config.proxy.ca_file.as_deref())?;
+    let proxy = Arc::new(
+        Proxy::new(
+            config.proxy.clone(),
+            token.clone(),
+            metrics.clone(),
+            upstream_tls,
+        )
+        .map_err(StartError::Upstream)?,
+    );
+    let mut proxy_server = Server::new();
+    let opts = ServeOptions {
+        max_connections: config.proxy.max_connections,
+        idle_timeout: config.proxy.client_idle_timeout,
+        max_header_bytes: MAX_HEADER_BYTES,
+        http2: true,
+    };
+    for listener in proxy_listeners {
+        let proxy = proxy.clone();
+        proxy_server.spawn(listener, opts.clone(), move |req, peer| {
+            let proxy = proxy.clone();
+            async move { proxy.handle(req, peer).await }
+        });
+    }
+
+    let admin = Arc::new(Admin {
+        token: token.clone(),
+        metrics: metrics.clone(),
+        lifecycle: lifecycle.clone(),
+        allow_remote_control: config.admin.allow_remote_control,
+    });
+    let mut admin_server = Server::new();
+    admin_server.spawn(
+        admin_listener,
+        ServeOptions {
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(30),
+            max_header_bytes: 16 * 1024,
+            http2: false,
+        },
+        move |req, peer| {
+            let admin = admin.clone();
+            async move { admin.handle(req, peer).await }
+        },
+    );
+    info!(proxy = ?proxy_addrs, admin = %admin_addr, upstream = %config.proxy.upstream, "listening");
+    Ok(Running {
+        proxy_addrs,
+        admin_addr,
+        token,
+        metrics,
+        lifecycle,
+        proxy_server,
+        admin_server,
+        refresher,
+        drain_delay: config.shutdown.drain_delay,
+        grace: config.shutdown.grace,
+    })
+}
+
+fn ipv6_unavailable(e: &io::Error) -> bool {
+    // EADDRNOTAVAIL (99) or EAFNOSUPPORT (97) on Linux.
+    matches!(e.raw_os_error(), Some(97) | Some(99))
+}
+
+impl Running {
+    /// Runs until shutdown begins (signal or `POST /admin/shutdown`), then:
+    /// `/readyz` is already 503; keep accepting for `shutdown.drain_delay`;
+    /// stop accepting; give in-flight requests `shutdown.grace`; return.
+    pub async fn run_until_shutdown(self) {
+        self.lifecycle.draining().await;
+        self.shutdown_now().await;
+    }
+
+    /// The shutdown sequence, without waiting for a trigger.
+    pub async fn shutdown_now(self) {
+        self.lifecycle.begin_shutdown("shutdown requested");
+        if !self.drain_delay.is_zero() {
+            info!(
+                drain_delay_ms = self.drain_delay.as_millis() as u64,
+                "still accepting during the drain delay"
+            );
+            tokio::time::sleep(self.drain_delay).await;
+        }
+        info!(
+            grace_ms = self.grace.as_millis() as u64,
+            "stopped accepting; waiting for in-flight requests"
+        );
+        let clean = self.proxy_server.shutdown(self.grace).await;
+        if clean {
+            info!("all requests finished");
+        } else {
+            warn!("grace period over; closing the remaining connections");
+        }
+        self.admin_server.shutdown(Duration::from_millis(100)).await;
+        self.refresher.abort();
+    }
+}
+
+/// SIGTERM or SIGINT begins the shutdown; a second one exits at once.
+pub fn install_signal_handlers(lifecycle: Arc<Lifecycle>) -> io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        let mut count = 0;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            count += 1;
+            if count == 1 {
+                lifecycle.begin_shutdown(name);
+            } else {
+                warn!(signal = name, "second signal: exiting now");
+                std::process::exit(1);
+            }
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,798 @@
+//! Configuration: one TOML file, overridden by `TOKEN_SIDECAR_<SECTION>__<KEY>`
+//! environment variables, read with figment.
+//!
+//! The loader reads key by key instead of deserializing whole structs, so that
+//! one pass reports *every* problem (serde's derive stops at the first), each
+//! naming its key and its source (the file or the exact variable). Every key the
+//! loader asks for is recorded, and whatever else the merged document holds is
+//! reported as unknown: the list of keys exists once, here, in [`load_figment`]'s
+//! readers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::value::Value;
+use figment::Figment;
+use secrecy::SecretString;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use url::Url;
+
+use crate::secret::SecretSource;
+
+/// Prefix of the environment variables that override config keys.
+pub const ENV_PREFIX: &str = "TOKEN_SIDECAR_";
+/// Environment variable naming the config file when `--config` is not given.
+pub const ENV_CONFIG_PATH: &str = "TOKEN_SIDECAR_CONFIG";
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub oauth: OAuthConfig,
+    pub refresh: RefreshConfig,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Base URL; its path always ends in `/`.
+    pub upstream: Url,
+    pub connect_timeout: Duration,
+    /// Until the upstream's response headers arrive.
+    pub request_timeout: Duration,
+    /// No byte in either direction for this long ends a body transfer.
+    pub body_idle_timeout: Duration,
+    /// How long an idle client keep-alive connection is kept open.
+    pub client_idle_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept.
+    pub pool_idle_timeout: Duration,
+    pub max_connections: usize,
+    /// How long a request waits for a first (or replacement) token.
+    pub token_wait: Duration,
+    pub retry_on_401: RetryOn401,
+    pub retry_body_limit: usize,
+    pub forwarded_headers: bool,
+    /// Percent-decoded path prefixes; empty means every path.
+    pub allow_paths: Vec<String>,
+    pub ca_file: Option<PathBuf>,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub allow_remote_control: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct OAuthConfig {
+    pub token_url: Url,
+    pub client_id: String,
+    pub client_secret: SecretSource,
+    pub username: String,
+    pub password: SecretSource,
+    pub params_in: ParamsIn,
+    pub client_auth: ClientAuth,
+    pub scope: String,
+    pub timeout: Duration,
+    pub default_lifetime: Duration,
+    pub ca_file: Option<PathBuf>,
+    pub extra_params: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RefreshConfig {
+    pub min_remaining: Duration,
+    pub min_interval: Duration,
+    /// `None`: the smaller of 5 s and 10% of the lifetime.
+    pub expiry_margin: Option<Duration>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub rejected_backoff_min: Duration,
+    pub rejected_backoff_max: Duration,
+    /// How often secret files are checked for a change while logins are refused.
+    pub secret_poll_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    pub drain_delay: Duration,
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// 0: the cgroup's CPU quota (or the host's cores when there is none).
+    pub worker_threads: usize,
+}
+
+/// Where the grant parameters go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamsIn {
+    /// In the URL query string, as PaymentIQ documents it.
+    Query,
+    /// In an `application/x-www-form-urlencoded` body (RFC 6749).
+    Form,
+}
+
+/// How the client authenticates to the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ClientAuth {
+    /// HTTP Basic with the raw `id:secret`, what Spring expects.
+    #[serde(rename = "basic")]
+    Basic,
+    /// HTTP Basic with id and secret form-urlencoded first (RFC 6749 2.3.1).
+    #[serde(rename = "basic-rfc")]
+    BasicRfc,
+    /// `client_id` and `client_secret` sent with the other parameters.
+    #[serde(rename = "body")]
+    Body,
+}
+
+/// Which upstream 401 answers make the proxy fetch a new token and replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetryOn401 {
+    /// A 401 whose `WWW-Authenticate` says `error="invalid_token"`.
+    InvalidToken,
+    Any,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when standard output is not a terminal, text when it is.
+    Auto,
+    Json,
+    Text,
+}
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `oauth.timeout`.
+    pub key: String,
+    /// Where the value came from: `config.toml`, `environment variable X`, ...
+    pub source: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}): {}", self.key, self.source, self.message)
+    }
+}
+
+/// Every problem found in one pass.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{n} configuration problem{}:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A valid configuration and the warnings it deserves.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+/// The config path: `--config`, else `$TOKEN_SIDECAR_CONFIG`, else `config.toml`.
+pub fn resolve_path(cli: Option<PathBuf>) -> PathBuf {
+    cli.or_else(|| std::env::var_os(ENV_CONFIG_PATH).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("config.toml"))
+}
+
+/// Loads the file at `path` with the process environment merged over it.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    if !path.is_file() {
+        return Err(ConfigError {
+            problems: vec![Problem {
+                key: "(file)".into(),
+                source: path.display().to_string(),
+                message: "config file not found or not a regular file".into(),
+            }],
+        });
+    }
+    load_figment(figment(path))
+}
+
+/// The figment: the TOML file, then two-part `TOKEN_SIDECAR_<SECTION>__<KEY>`
+/// variables. One-part ones (`TOKEN_SIDECAR_CONFIG`, and the
+/// `TOKEN_SIDECAR_SERVICE_HOST`/`_PORT` that Kubernetes injects for a Service
+/// named `token-sidecar`) are not config and are left out.
+pub fn figment(path: &Path) -> Figment {
+    Figment::new().merge(Toml::file_exact(path)).merge(
+        Env::prefixed(ENV_PREFIX)
+            .filter(|k| k.as_str().contains("__"))
+            .split("__"),
+    )
+}
+
+/// Validates a figment (the file plus environment, or anything a test builds).
+pub fn load_figment(fig: Figment) -> Result<Loaded, ConfigError> {
+    let mut r = Reader::new(&fig);
+
+    // Defaults stand next to the key they belong to; README and config.toml
+    // document the same values.
+    let proxy_listen = r.listen("proxy.listen", &["127.0.0.1:7080", "[::1]:7080"]);
+    let upstream = r.url("proxy.upstream", true);
+    let proxy = ProxyConfig {
+        listen: proxy_listen,
+        upstream: upstream.unwrap_or_else(placeholder_url),
+        connect_timeout: r.duration("proxy.connect_timeout", "5s"),
+        request_timeout: r.duration("proxy.request_timeout", "60s"),
+        body_idle_timeout: r.duration("proxy.body_idle_timeout", "60s"),
+        client_idle_timeout: r.duration("proxy.client_idle_timeout", "90s"),
+        pool_idle_timeout: r.duration("proxy.pool_idle_timeout", "90s"),
+        max_connections: r.positive("proxy.max_connections", 4096),
+        token_wait: r.duration("proxy.token_wait", "10s"),
+        retry_on_401: r.value("proxy.retry_on_401", RetryOn401::InvalidToken),
+        retry_body_limit: r.value("proxy.retry_body_limit", 64 * 1024),
+        forwarded_headers: r.value("proxy.forwarded_headers", false),
+        allow_paths: r.value("proxy.allow_paths", Vec::new()),
+        ca_file: r.optional_path("proxy.ca_file"),
+        access_log: r.value("proxy.access_log", true),
+    };
+    let admin = AdminConfig {
+        listen: r
+            .listen("admin.listen", &["0.0.0.0:7081"])
+            .first()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 7081))),
+        allow_remote_control: r.value("admin.allow_remote_control", false),
+    };
+    if r.list_len("admin.listen") > 1 {
+        r.problem("admin.listen", "takes one address");
+    }
+    let token_url = r.url("oauth.token_url", false);
+    let oauth = OAuthConfig {
+        token_url: token_url.unwrap_or_else(placeholder_url),
+        client_id: r.required_string("oauth.client_id"),
+        client_secret: r.secret("oauth.client_secret", "oauth.client_secret_file"),
+        username: r.required_string("oauth.username"),
+        password: r.secret("oauth.password", "oauth.password_file"),
+        params_in: r.value("oauth.params_in", ParamsIn::Form),
+        client_auth: r.value("oauth.client_auth", ClientAuth::Basic),
+        scope: r.string("oauth.scope").unwrap_or_default(),
+        timeout: r.duration("oauth.timeout", "10s"),
+        default_lifetime: r.duration("oauth.default_lifetime", "5m"),
+        ca_file: r.optional_path("oauth.ca_file"),
+        extra_params: r.value("oauth.extra_params", BTreeMap::new()),
+    };
+    let refresh = RefreshConfig {
+        min_remaining: r.duration("refresh.min_remaining", "30s"),
+        min_interval: r.duration("refresh.min_interval", "1s"),
+        expiry_margin: r.optional_duration("refresh.expiry_margin"),
+        backoff_base: r.duration("refresh.backoff_base", "1s"),
+        backoff_max: r.duration("refresh.backoff_max", "60s"),
+        rejected_backoff_min: r.duration("refresh.rejected_backoff_min", "1m"),
+        rejected_backoff_max: r.duration("refresh.rejected_backoff_max", "30m"),
+        secret_poll_interval: r.duration("refresh.secret_poll_interval", "2s"),
+    };
+    let shutdown = ShutdownConfig {
+        drain_delay: r.duration("shutdown.drain_delay", "0s"),
+        grace: r.duration("shutdown.grace", "20s"),
+    };
+    let log = LogConfig {
+        format: r.value("log.format", LogFormat::Auto),
+        level: r.string("log.level").unwrap_or_else(|| "info".into()),
+    };
+    let runtime = RuntimeConfig {
+        worker_threads: r.value("runtime.worker_threads", 0),
+    };
+    let config = Config {
+        proxy,
+        admin,
+        oauth,
+        refresh,
+        shutdown,
+        log,
+        runtime,
+    };
+    r.check_semantics(&config);
+    r.check_unknown_keys();
+    if r.problems.is_empty() {
+        Ok(Loaded {
+            config,
+            warnings: r.warnings,
+        })
+    } else {
+        Err(ConfigError {
+            problems: r.problems,
+        })
+    }
+}
+
+fn placeholder_url() -> Url {
+    Url::parse("http://invalid./").expect("static URL parses")
+}
+
+/// Reads keys one at a time, recording each key asked for and every problem.
+struct Reader<'a> {
+    fig: &'a Figment,
+    known: BTreeSet<&'static str>,
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+}
+
+impl<'a> Reader<'a> {
+    fn new(fig: &'a Figment) -> Self {
+        Reader {
+            fig,
+            known: BTreeSet::new(),
+            problems: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// `config.toml`, `environment variable TOKEN_SIDECAR_OAUTH__PASSWORD`, ...
+    fn source(&self, key: &str) -> String {
+        match self.fig.find_metadata(key) {
+            Some(md) if md.name.contains("environment") => {
+                format!("environment variable {}", env_name(key))
+            }
+            Some(md) => match &md.source {
+                Some(src) => src.to_string(),
+                None => md.name.to_string(),
+            },
+            None => "default".into(),
+        }
+    }
+
+    fn is_from_env(&self, key: &str) -> bool {
+        self.fig
+            .find_metadata(key)
+            .is_some_and(|md| md.name.contains("environment"))
+    }
+
+    fn problem(&mut self, key: &str, message: impl Into<String>) {
+        let source = self.source(key);
+        self.problems.push(Problem {
+            key: key.into(),
+            source,
+            message: message.into(),
+        });
+    }
+
+    /// The raw value, if the key is set anywhere.
+    fn raw(&mut self, key: &'static str) -> Option<Value> {
+        self.known.insert(key);
+        self.fig.find_value(key).ok()
+    }
+
+    fn typed<T: DeserializeOwned>(&mut self, key: &'static str) -> Option<T> {
+        let v = self.raw(key)?;
+        match v.deserialize::<T>() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.problem(key, describe_de_error(&e));
+                None
+            }
+        }
+    }
+
+    fn value<T: DeserializeOwned>(&mut self, key: &'static str, default: T) -> T {
+        self.typed(key).unwrap_or(default)
+    }
+
+    /// A string exactly as written. figment parses environment values
+    /// (`"007"` would become a number) and trims them, which would corrupt
+    /// a password, so a value from the environment is read raw.
+    fn string(&mut self, key: &'static str) -> Option<String> {
+        self.raw(key)?;
+        if self.is_from_env(key) {
+            if let Ok(s) = std::env::var(env_name(key)) {
+                return Some(s);
+            }
+        }
+        self.typed::<String>(key)
+    }
+
+    fn required_string(&mut self, key: &'static str) -> String {
+        match self.string(key) {
+            Some(s) if !s.is_empty() => s,
+            Some(_) => {
+                self.problem(key, "must not be empty");
+                String::new()
+            }
+            None => {
+                self.problem(key, "is required");
+                String::new()
+            }
+        }
+    }
+
+    fn positive(&mut self, key: &'static str, default: usize) -> usize {
+        let v = self.value(key, default);
+        if v == 0 {
+            self.problem(key, "must be greater than 0");
+            return default;
+        }
+        v
+    }
+
+    fn duration(&mut self, key: &'static str, default: &str) -> Duration {
+        self.optional_duration(key)
+            .unwrap_or_else(|| humantime::parse_duration(default).expect("default durations parse"))
+    }
+
+    fn optional_duration(&mut self, key: &'static str) -> Option<Duration> {
+        let v = self.raw(key)?;
+        let text = match &v {
+            Value::String(_, s) => s.clone(),
+            _ => {
+                self.problem(key, "must be a duration string such as \"30s\" or \"5m\"");
+                return None;
+            }
+        };
+        match humantime::parse_duration(&text) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(
+                    key,
+                    format!("invalid duration {text:?} ({e}); use e.g. \"30s\", \"5m\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn optional_path(&mut self, key: &'static str) -> Option<PathBuf> {
+        let p = self.string(key).map(PathBuf::from)?;
+        if !p.is_file() {
+            self.problem(key, format!("{} is not a readable file", p.display()));
+        }
+        Some(p)
+    }
+
+    fn list_len(&mut self, key: &'static str) -> usize {
+        match self.fig.find_value(key) {
+            Ok(Value::Array(_, a)) => a.len(),
+            _ => 1,
+        }
+    }
+
+    fn listen(&mut self, key: &'static str, default: &[&str]) -> Vec<SocketAddr> {
+        let texts = match self.typed::<OneOrMany>(key) {
+            Some(OneOrMany::One(s)) => vec![s],
+            Some(OneOrMany::Many(v)) => v,
+            None => default.iter().map(|s| s.to_string()).collect(),
+        };
+        if texts.is_empty() {
+            self.problem(key, "needs at least one address");
+        }
+        let mut out = Vec::new();
+        for t in texts {
+            match t.parse::<SocketAddr>() {
+                Ok(a) => out.push(a),
+                Err(_) => self.problem(
+                    key,
+                    format!(
+                        "{t:?} is not an IP:port address (e.g. \"127.0.0.1:7080\", \"[::1]:7080\")"
+                    ),
+                ),
+            }
+        }
+        out
+    }
+
+    fn url(&mut self, key: &'static str, is_base: bool) -> Option<Url> {
+        let Some(text) = self.string(key) else {
+            self.problem(key, "is required");
+            return None;
+        };
+        let mut url = match Url::parse(&text) {
+            Ok(u) => u,
+            Err(e) => {
+                self.problem(key, format!("{text:?} is not a valid URL: {e}"));
+                return None;
+            }
+        };
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            self.problem(
+                key,
+                format!("{text:?} must be an http:// or https:// URL with a host"),
+            );
+            return None;
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            self.problem(key, "must not carry credentials; use the oauth keys");
+            return None;
+        }
+        if is_base {
+            if url.query().is_some() || url.fragment().is_some() {
+                self.problem(key, "a base URL takes no query or fragment");
+                return None;
+            }
+            if !url.path().ends_with('/') {
+                let p = format!("{}/", url.path());
+                url.set_path(&p);
+            }
+        }
+        Some(url)
+    }
+
+    /// Exactly one of `inline_key` and `file_key`.
+    fn secret(&mut self, inline_key: &'static str, file_key: &'static str) -> SecretSource {
+        let inline = self.string(inline_key);
+        let file = self.string(file_key);
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                let (a, b) = (self.source(inline_key), self.source(file_key));
+                self.problems.push(Problem {
+                    key: inline_key.into(),
+                    source: format!("{a} and {b}"),
+                    message: format!("set both {inline_key} and {file_key}; set exactly one"),
+                });
+                SecretSource::Inline(SecretString::from(String::new()))
+            }
+            (None, None) => {
+                self.problems.push(Problem {
+                    key: inline_key.into(),
+                    source: "missing".into(),
+                    message: format!("set {inline_key} or {file_key}"),
+                });
+                SecretSource::Inline(SecretString::from(String::new()))
+            }
+            (Some(v), None) => {
+                if !self.is_from_env(inline_key) {
+                    self.warnings.push(format!(
+                        "{inline_key} is written inline in {}: prefer {file_key} or the environment variable {}",
+                        self.source(inline_key),
+                        env_name(inline_key)
+                    ));
+                }
+                SecretSource::Inline(SecretString::from(v))
+            }
+            (None, Some(path)) => {
+                let src = SecretSource::File(PathBuf::from(path));
+                if let Err(e) = src.load() {
+                    let cause = e.source.to_string();
+                    self.problem(file_key, format!("{e}: {cause}"));
+                }
+                src
+            }
+        }
+    }
+
+    fn check_semantics(&mut self, c: &Config) {
+        let r = &c.refresh;
+        if r.min_interval.is_zero() {
+            self.problem("refresh.min_interval", "must be greater than 0");
+        }
+        if r.backoff_base.is_zero() || r.backoff_base > r.backoff_max {
+            self.problem(
+                "refresh.backoff_base",
+                "must be greater than 0 and at most refresh.backoff_max",
+            );
+        }
+        if r.rejected_backoff_min.is_zero() || r.rejected_backoff_min > r.rejected_backoff_max {
+            self.problem(
+                "refresh.rejected_backoff_min",
+                "must be greater than 0 and at most refresh.rejected_backoff_max",
+            );
+        }
+        if r.secret_poll_interval.is_zero() {
+            self.problem("refresh.secret_poll_interval", "must be greater than 0");
+        }
+        for (key, d) in [
+            ("oauth.timeout", c.oauth.timeout),
+            ("oauth.default_lifetime", c.oauth.default_lifetime),
+            ("proxy.connect_timeout", c.proxy.connect_timeout),
+            ("proxy.request_timeout", c.proxy.request_timeout),
+            ("proxy.body_idle_timeout", c.proxy.body_idle_timeout),
+        ] {
+            if d.is_zero() {
+                self.problem(key, "must be greater than 0");
+            }
+        }
+        for p in &c.proxy.allow_paths {
+            if !p.starts_with('/') {
+                self.problem("proxy.allow_paths", format!("{p:?} must start with '/'"));
+            }
+        }
+        if c.log.level.trim().is_empty()
+            || tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err()
+        {
+            self.problem(
+                "log.level",
+                format!(
+                    "{:?} is not a level or filter (e.g. \"info\", \"token_sidecar=debug\")",
+                    c.log.level
+                ),
+            );
+        }
+        for a in &c.proxy.listen {
+            if !a.ip().is_loopback() {
+                self.warnings.push(format!(
+                    "proxy.listen {a} is not a loopback address: whoever reaches it acts as the backoffice user"
+                ));
+            }
+        }
+        if c.proxy.listen.contains(&c.admin.listen) {
+            self.problem(
+                "admin.listen",
+                "must differ from every proxy.listen address",
+            );
+        }
+        if c.oauth.params_in == ParamsIn::Query {
+            self.warnings.push(
+                "oauth.params_in = \"query\" puts the password in the token URL, where gateways' access logs can keep it"
+                    .into(),
+            );
+        }
+    }
+
+    /// Every key in the merged document that no reader asked for.
+    fn check_unknown_keys(&mut self) {
+        let Ok(root) = self.fig.extract::<BTreeMap<String, Value>>() else {
+            return;
+        };
+        let mut unknown = Vec::new();
+        for (k, v) in &root {
+            self.walk(k.clone(), v, &mut unknown);
+        }
+        for key in unknown {
+            let is_section =
+                !self.known.iter().any(|k| k.starts_with(&format!("{key}."))) && !key.contains('.');
+            let msg = if is_section {
+                "unknown section".to_string()
+            } else {
+                "unknown key".to_string()
+            };
+            self.problem(&key, msg);
+        }
+    }
+
+    fn walk(&self, path: String, v: &Value, out: &mut Vec<String>) {
+        if self.known.contains(path.as_str()) {
+            return;
+        }
+        let prefix = format!("{path}.");
+        let section_known = self.known.iter().any(|k| k.starts_with(&prefix));
+        match v {
+            Value::Dict(_, d) if section_known => {
+                for (k, v) in d {
+                    self.walk(format!("{path}.{k}"), v, out);
+                }
+            }
+            _ => out.push(path),
+        }
+    }
+}
+
+/// `oauth.password` -> `TOKEN_SIDECAR_OAUTH__PASSWORD`.
+pub fn env_name(key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        key.to_ascii_uppercase().replace('.', "__")
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+fn describe_de_error(e: &figment::Error) -> String {
+    // figment's Display adds "for key ... in source"; we name both ourselves.
+    e.kind.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn base() -> String {
+        r#"
+[proxy]
+upstream = "https://api.example.test/base"
+[oauth]
+token_url = "https://auth.example.test/oauth/token"
+client_id = "id"
+client_secret = "s"
+username = "u"
+password = "p"
+"#
+        .into()
+    }
+
+    fn load_str(s: &str) -> Result<Loaded, ConfigError> {
+        load_figment(Figment::new().merge(Toml::string(s)))
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = load_str(&base()).unwrap().config;
+        assert_eq!(c.proxy.upstream.as_str(), "https://api.example.test/base/");
+        assert_eq!(c.proxy.listen.len(), 2);
+        assert_eq!(c.oauth.params_in, ParamsIn::Form);
+        assert_eq!(c.oauth.timeout, Duration::from_secs(10));
+        assert_eq!(c.refresh.min_remaining, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn reports_every_problem_in_one_pass() {
+        let s = base().replace("username = \"u\"", "")
+            + "\n[refresh]\nmin_interval = \"soon\"\nbogus = 1\n[nope]\nx = 1\n";
+        let e = load_str(&s).unwrap_err();
+        let keys: Vec<_> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"oauth.username"), "{e}");
+        assert!(keys.contains(&"refresh.min_interval"), "{e}");
+        assert!(keys.contains(&"refresh.bogus"), "{e}");
+        assert!(keys.contains(&"nope"), "{e}");
+    }
+
+    #[test]
+    fn extra_params_take_any_key() {
+        let s = base() + "\n";
+        let s = s.replace(
+            "username = \"u\"",
+            "username = \"u\"\nextra_params = { audience = \"x\" }",
+        );
+        let c = load_str(&s).unwrap().config;
+        assert_eq!(
+            c.oauth.extra_params.get("audience").map(String::as_str),
+            Some("x")
+        );
+    }
+
+    #[test]
+    fn both_secret_forms_is_an_error() {
+        let s = base().replace(
+            "password = \"p\"",
+            "password = \"p\"\npassword_file = \"/x\"",
+        );
+        let e = load_str(&s).unwrap_err();
+        assert!(e.to_string().contains("oauth.password_file"), "{e}");
+    }
+
+    #[test]
+    fn serialized_override_wins() {
+        let fig = Figment::new()
+            .merge(Toml::string(&base()))
+            .merge(Serialized::default("oauth.timeout", "3s"));
+        let c = load_figment(fig).unwrap().config;
+        assert_eq!(c.oauth.timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn env_names() {
+        assert_eq!(env_name("oauth.password"), "TOKEN_SIDECAR_OAUTH__PASSWORD");
+    }
+}

@@ -1,0 +1,47 @@
+//! token-sidecar: holds an OAuth2 bearer token for a legacy application and
+//! injects it into every call the application makes to a backoffice API.
+//!
+//! # Architecture
+//! Data flows one way: [`config`] -> [`token`] source -> [`proxy`]; the
+//! [`admin`] server only reads.
+//!
+//! - [`config`]: the TOML file plus `TOKEN_SIDECAR_<SECTION>__<KEY>`
+//!   environment overrides, validated in one pass that reports every problem.
+//! - [`token`]: one background task ([`token::refresher`]) is the only caller
+//!   of the token endpoint ([`token::client`]). It publishes the current token
+//!   into an `ArcSwap` and refreshes it ahead of expiry on a pure schedule
+//!   ([`token::schedule`]), riding out auth-server faults with classified
+//!   errors ([`token::error`]).
+//! - [`proxy`]: a hyper reverse proxy on loopback. A request loads the token
+//!   once (lock-free), replaces the client's `Authorization`, strips hop-by-hop
+//!   headers and streams both bodies. A 401 `invalid_token` from the upstream
+//!   invalidates that token generation and replays the request once.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status`, and two control
+//!   endpoints, on their own listener.
+//! - [`app`] assembles these; [`serve`] holds the accept loops and graceful
+//!   shutdown; [`lifecycle`] the draining state; [`metrics`] the Prometheus
+//!   registry; [`secret`] the redacting secret types; [`tls`] the one TLS
+//!   policy of both clients; [`fake`] the stand-in servers of the demo, soak
+//!   and tests.
+//!
+//! # Token lifecycle
+//! Obtained with the password grant at start (requests wait up to
+//! `proxy.token_wait` for it), refreshed at 75-80% of its lifetime with the
+//! refresh_token grant (password grant when refused), injected until its
+//! expiry less a margin and never after; during an outage requests get 503
+//! `token_unavailable` with `Retry-After` once the token has run out.
+
+pub mod admin;
+pub mod app;
+pub mod check;
+pub mod config;
+pub mod demo;
+pub mod fake;
+pub mod lifecycle;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod secret;
+pub mod serve;
+pub mod tls;
+pub mod token;

@@ -1,0 +1,144 @@
+//! The binary: parse the command line, load the config, set up logging and
+//! the runtime, run. All logic lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use token_sidecar::{app, check, config, demo, logging};
+
+/// Holds an OAuth2 bearer token and injects it into a legacy app's calls to a backoffice API.
+#[derive(Parser)]
+#[command(name = "token-sidecar", version, about)]
+struct Cli {
+    /// Config file [default: $TOKEN_SIDECAR_CONFIG, else config.toml]
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and exit: 0 valid, 2 config error, 3 live check failed.
+    Check {
+        /// Also perform one real password grant against the token endpoint.
+        #[arg(long)]
+        live: bool,
+    },
+    /// Run against built-in stand-ins of the token endpoint and backoffice API on loopback.
+    Demo {
+        #[arg(long, default_value_t = 7080)]
+        port: u16,
+        #[arg(long, default_value_t = 7081)]
+        admin_port: u16,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Demo { port, admin_port }) => {
+            logging::init(&config::LogConfig {
+                format: config::LogFormat::Text,
+                level: "info".into(),
+            });
+            exit(runtime(0).and_then(|rt| {
+                rt.block_on(demo::run(port, admin_port))
+                    .context("demo failed")
+            }))
+        }
+        Some(Command::Check { live }) => {
+            let path = config::resolve_path(cli.config);
+            let loaded = match load(&path) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            println!("{}: configuration is valid", path.display());
+            if !live {
+                return ExitCode::from(check::EXIT_OK as u8);
+            }
+            let (line, code) = match runtime(1) {
+                Ok(rt) => rt.block_on(check::live(&loaded.config)),
+                Err(e) => (format!("live check failed: {e:#}"), check::EXIT_LIVE_FAILED),
+            };
+            println!("{line}");
+            ExitCode::from(code as u8)
+        }
+        None => {
+            let path = config::resolve_path(cli.config);
+            let loaded = match load(&path) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            logging::init(&loaded.config.log);
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            raise_fd_limit();
+            exit(
+                runtime(loaded.config.runtime.worker_threads)
+                    .and_then(|rt| rt.block_on(run(loaded.config))),
+            )
+        }
+    }
+}
+
+/// Loads the config, printing every problem and warning to stderr.
+fn load(path: &std::path::Path) -> Result<config::Loaded, ExitCode> {
+    match config::load(path) {
+        Ok(l) => {
+            for w in &l.warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok(l)
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            Err(ExitCode::from(check::EXIT_CONFIG as u8))
+        }
+    }
+}
+
+async fn run(config: config::Config) -> anyhow::Result<()> {
+    let running = app::start(&config).await.context("cannot start")?;
+    app::install_signal_handlers(running.lifecycle.clone())
+        .context("cannot install signal handlers")?;
+    running.run_until_shutdown().await;
+    Ok(())
+}
+
+/// Worker threads: the configured number, else what the CPU quota allows
+/// (`available_parallelism` reads the cgroup quota, not only the host's cores).
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = if workers > 0 {
+        workers
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .context("cannot build the tokio runtime")
+}
+
+/// A proxy holds two descriptors per request: raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(nofile = n, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("token-sidecar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

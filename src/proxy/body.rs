@@ -1,0 +1,287 @@
+//! One body type for both directions: streams frames as they come (with
+//! back-pressure: a frame is read only when the other side wants one), counts
+//! bytes for the access log, ends an exchange that stays idle too long, and can
+//! keep a bounded copy of what it streams so a request can be replayed after a
+//! 401 without ever waiting to buffer it first.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics::Metrics;
+
+/// An error while streaming a body.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("body stream failed")]
+    Stream(#[source] hyper::Error),
+    #[error("no data for {0:?} (proxy.body_idle_timeout)")]
+    Idle(Duration),
+}
+
+enum Source {
+    Empty,
+    Stream(Incoming),
+    Chunks(VecDeque<Bytes>),
+}
+
+/// Which counter of the [`Exchange`] a body feeds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Client to upstream.
+    Up,
+    /// Upstream to client.
+    Down,
+}
+
+/// A bounded copy of a streamed request body, handed over when it ends.
+struct Tee {
+    buf: Vec<Bytes>,
+    size: usize,
+    limit: usize,
+    done: oneshot::Sender<Vec<Bytes>>,
+}
+
+pub struct ProxyBody {
+    source: Source,
+    tee: Option<Tee>,
+    idle: Option<Idle>,
+    exchange: Option<(Arc<Exchange>, Direction)>,
+}
+
+struct Idle {
+    after: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl ProxyBody {
+    pub fn empty() -> Self {
+        Self::from_source(Source::Empty)
+    }
+
+    pub fn full(bytes: Bytes) -> Self {
+        Self::from_source(Source::Chunks(VecDeque::from([bytes])))
+    }
+
+    /// A replay of chunks a [`ProxyBody::tee`] kept.
+    pub fn chunks(chunks: Vec<Bytes>) -> Self {
+        Self::from_source(Source::Chunks(chunks.into()))
+    }
+
+    pub fn stream(incoming: Incoming, idle_timeout: Duration) -> Self {
+        if incoming.is_end_stream() {
+            return Self::empty();
+        }
+        let mut b = Self::from_source(Source::Stream(incoming));
+        b.idle = Some(Idle {
+            after: idle_timeout,
+            sleep: None,
+        });
+        b
+    }
+
+    fn from_source(source: Source) -> Self {
+        ProxyBody {
+            source,
+            tee: None,
+            idle: None,
+            exchange: None,
+        }
+    }
+
+    /// Keeps a copy of up to `limit` bytes; the receiver gets the chunks when
+    /// the body ended within the limit, and an error otherwise.
+    pub fn tee(&mut self, limit: usize) -> oneshot::Receiver<Vec<Bytes>> {
+        let (tx, rx) = oneshot::channel();
+        match &self.source {
+            Source::Empty => {
+                let _ = tx.send(Vec::new());
+            }
+            Source::Chunks(c) => {
+                let _ = tx.send(c.iter().cloned().collect());
+            }
+            Source::Stream(_) => {
+                self.tee = Some(Tee {
+                    buf: Vec::new(),
+                    size: 0,
+                    limit,
+                    done: tx,
+                })
+            }
+        }
+        rx
+    }
+
+    pub fn track(mut self, exchange: Arc<Exchange>, direction: Direction) -> Self {
+        self.exchange = Some((exchange, direction));
+        self
+    }
+
+    fn count(&self, n: usize) {
+        if let Some((ex, dir)) = &self.exchange {
+            let c = if *dir == Direction::Up {
+                &ex.bytes_up
+            } else {
+                &ex.bytes_down
+            };
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.source {
+            Source::Empty => Poll::Ready(None),
+            Source::Chunks(c) => Poll::Ready(c.pop_front().map(|b| Ok(Frame::data(b)))),
+            Source::Stream(s) => Pin::new(s)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(BodyError::Stream))),
+        };
+        let item = match polled {
+            Poll::Pending => {
+                if let Some(idle) = &mut this.idle {
+                    let sleep = idle
+                        .sleep
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle.after)));
+                    ready!(sleep.as_mut().poll(cx));
+                    this.tee = None;
+                    return Poll::Ready(Some(Err(BodyError::Idle(idle.after))));
+                }
+                return Poll::Pending;
+            }
+            Poll::Ready(item) => item,
+        };
+        if let Some(idle) = &mut this.idle {
+            if let Some(sleep) = &mut idle.sleep {
+                sleep.as_mut().reset(Instant::now() + idle.after);
+            }
+        }
+        match &item {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.count(data.len());
+                    if let Some(tee) = &mut this.tee {
+                        if tee.size + data.len() <= tee.limit {
+                            tee.size += data.len();
+                            tee.buf.push(data.clone());
+                        } else {
+                            this.tee = None; // too large to replay
+                        }
+                    }
+                } else {
+                    this.tee = None; // trailers: a replay could not carry them
+                }
+            }
+            Some(Err(_)) => this.tee = None,
+            None => {
+                if let Some(tee) = this.tee.take() {
+                    let _ = tee.done.send(tee.buf);
+                }
+            }
+        }
+        Poll::Ready(item)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.source {
+            Source::Empty => true,
+            Source::Chunks(c) => c.is_empty(),
+            Source::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Empty => SizeHint::with_exact(0),
+            Source::Chunks(c) => SizeHint::with_exact(c.iter().map(|b| b.len() as u64).sum()),
+            Source::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+/// One request/response exchange, shared by its two bodies; when the last
+/// of them is dropped the exchange is over: the in-flight gauge goes down and
+/// the access log line is written, with the byte counts of both directions.
+pub struct Exchange {
+    pub start: Instant,
+    pub method: Method,
+    pub uri: Uri,
+    pub request_id: HeaderValue,
+    pub status: AtomicU16,
+    pub generation: AtomicU64,
+    pub upstream_us: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    pub replayed: std::sync::atomic::AtomicBool,
+    pub metrics: Arc<Metrics>,
+    pub access_log: bool,
+}
+
+impl Exchange {
+    pub fn new(
+        method: Method,
+        uri: Uri,
+        request_id: HeaderValue,
+        metrics: Arc<Metrics>,
+        access_log: bool,
+    ) -> Self {
+        metrics.inflight().inc();
+        Exchange {
+            start: Instant::now(),
+            method,
+            uri,
+            request_id,
+            status: AtomicU16::new(0),
+            generation: AtomicU64::new(0),
+            upstream_us: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            replayed: std::sync::atomic::AtomicBool::new(false),
+            metrics,
+            access_log,
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.metrics.inflight().dec();
+        if !self.access_log {
+            return;
+        }
+        // Path only: a query string may carry personal data or secrets.
+        tracing::info!(
+            target: "token_sidecar::access",
+            method = %self.method,
+            path = self.uri.path(),
+            status = self.status.load(Ordering::Relaxed),
+            total_ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            upstream_ms = self.upstream_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            bytes_in = self.bytes_up.load(Ordering::Relaxed),
+            bytes_out = self.bytes_down.load(Ordering::Relaxed),
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            generation = self.generation.load(Ordering::Relaxed),
+            replayed = self.replayed.load(Ordering::Relaxed),
+            "request"
+        );
+    }
+}

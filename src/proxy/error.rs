@@ -1,0 +1,86 @@
+//! The answers the sidecar makes itself, in one place: each error's status,
+//! code and message, and the JSON body `{"error": code, "message": ...}`.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ProxyBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no valid access token is available; retry later")]
+    TokenUnavailable { retry_after: u64 },
+    #[error("the upstream could not be reached")]
+    UpstreamUnavailable(#[source] hyper_util::client::legacy::Error),
+    #[error(
+        "TLS handshake with the upstream failed (check proxy.ca_file and the upstream certificate)"
+    )]
+    UpstreamTls(#[source] hyper_util::client::legacy::Error),
+    #[error("the upstream did not send response headers within proxy.request_timeout")]
+    UpstreamTimeout,
+    #[error("{0}")]
+    BadRequest(&'static str),
+    #[error("method not allowed through this proxy")]
+    MethodNotAllowed,
+    #[error("path not allowed by proxy.allow_paths")]
+    PathNotAllowed,
+}
+
+impl ProxyError {
+    /// The `error` code, also the `token_sidecar_local_responses_total` label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::UpstreamUnavailable(_) | ProxyError::UpstreamTls(_) => {
+                "upstream_unavailable"
+            }
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::PathNotAllowed => "path_not_allowed",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::TokenUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::UpstreamUnavailable(_) | ProxyError::UpstreamTls(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::PathNotAllowed => StatusCode::FORBIDDEN,
+        }
+    }
+
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let body = json_error(self.code(), &self.to_string());
+        let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            ProxyError::TokenUnavailable { retry_after } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            ProxyError::MethodNotAllowed => {
+                h.insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS, TRACE"),
+                );
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+/// `{"error": code, "message": message}`.
+pub fn json_error(code: &str, message: &str) -> String {
+    serde_json::json!({ "error": code, "message": message }).to_string()
+}

@@ -1,0 +1,244 @@
+//! Header rewriting in both directions (RFC 9110 7.6.1): hop-by-hop headers in
+//! one static list plus whatever `Connection` names; the client's credentials
+//! replaced, never appended; redirects into the upstream pointed back at us.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Hop-by-hop headers, removed in both directions. `Trailer` is not one
+/// (it describes the message); `TE` is handled on its own.
+pub static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers and the names `Connection` lists. When
+/// `keep_upgrade` is set (an upgrade being passed through), `Connection:
+/// upgrade` and `Upgrade` stay.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+            .collect();
+        for name in listed {
+            headers.remove(&name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Whether the client asked for trailers (`TE: trailers`), the one `TE`
+/// value forwarded upstream.
+pub fn wants_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Whether this is an HTTP/1.1 upgrade request (`Connection: upgrade` and
+/// an `Upgrade` header).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Rewrites the client's request headers for the upstream.
+pub fn rewrite_request(
+    headers: &mut HeaderMap,
+    bearer: HeaderValue,
+    upgrade: bool,
+    forwarded: Option<(&str, &str)>,
+) {
+    let trailers = wants_trailers(headers);
+    let client_host = forwarded.and(headers.get(header::HOST).cloned());
+    strip_hop_by_hop(headers, upgrade);
+    headers.remove(header::PROXY_AUTHORIZATION);
+    // insert replaces every Authorization the client sent, however many.
+    headers.insert(header::AUTHORIZATION, bearer);
+    // Host is the upstream's; the client adds it from the URI.
+    headers.remove(header::HOST);
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some((peer_ip, proto)) = forwarded {
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {peer_ip}"),
+            None => peer_ip.to_owned(),
+        };
+        if let Ok(v) = HeaderValue::try_from(xff) {
+            headers.insert(&X_FORWARDED_FOR, v);
+        }
+        headers.insert(
+            &X_FORWARDED_PROTO,
+            HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
+        );
+        if let Some(h) = client_host {
+            headers.insert(&X_FORWARDED_HOST, h);
+        }
+    }
+}
+
+/// `proxy_redirect default`: a `Location` or `Content-Location` pointing into
+/// the upstream base URL is pointed at the sidecar (`public_base`, e.g.
+/// `http://localhost:7080/`) instead, so the app does not follow a redirect
+/// around the sidecar, where it would arrive without a token.
+pub fn rewrite_locations(
+    headers: &mut HeaderMap,
+    upstream_base: &str,
+    upstream_base_path: &str,
+    public_base: &str,
+) {
+    for name in [header::LOCATION, header::CONTENT_LOCATION] {
+        let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        let rest = if let Some(rest) = strip_prefix_ignore_case(value, upstream_base) {
+            rest
+        } else if let Some(rest) = value
+            .strip_prefix(upstream_base_path)
+            .filter(|_| value.starts_with('/') && !value.starts_with("//"))
+        {
+            rest
+        } else {
+            continue;
+        };
+        let rewritten = format!("{public_base}{rest}");
+        if let Ok(v) = HeaderValue::try_from(rewritten) {
+            headers.insert(name, v);
+        }
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    (s.len() >= prefix.len()
+        && s.is_char_boundary(prefix.len())
+        && s[..prefix.len()].eq_ignore_ascii_case(prefix))
+    .then(|| &s[prefix.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret-Hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip"),
+            ("trailer", "x-checksum"),
+            ("proxy-connection", "keep-alive"),
+            ("x-app", "kept"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["trailer", "x-app"]);
+    }
+
+    #[test]
+    fn replaces_every_authorization() {
+        let mut h = map(&[
+            ("authorization", "Basic a"),
+            ("authorization", "Bearer b"),
+            ("host", "localhost:7080"),
+            ("te", "trailers, gzip"),
+        ]);
+        rewrite_request(&mut h, HeaderValue::from_static("Bearer new"), false, None);
+        let auth: Vec<_> = h.get_all("authorization").iter().collect();
+        assert_eq!(auth, [HeaderValue::from_static("Bearer new")]);
+        assert!(h.get("host").is_none());
+        assert_eq!(h.get("te").unwrap(), "trailers");
+    }
+
+    #[test]
+    fn forwarded_headers() {
+        let mut h = map(&[("host", "localhost:7080"), ("x-forwarded-for", "10.0.0.1")]);
+        rewrite_request(
+            &mut h,
+            HeaderValue::from_static("Bearer t"),
+            false,
+            Some(("127.0.0.1", "http")),
+        );
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "localhost:7080");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+    }
+
+    #[test]
+    fn rewrites_locations_into_the_upstream() {
+        let mut h = map(&[
+            (
+                "location",
+                "https://API.example.test/paymentiq/backoffice/x?y=1",
+            ),
+            ("content-location", "/paymentiq/a"),
+        ]);
+        rewrite_locations(
+            &mut h,
+            "https://api.example.test/paymentiq/",
+            "/paymentiq/",
+            "http://localhost:7080/",
+        );
+        assert_eq!(
+            h.get("location").unwrap(),
+            "http://localhost:7080/backoffice/x?y=1"
+        );
+        assert_eq!(
+            h.get("content-location").unwrap(),
+            "http://localhost:7080/a"
+        );
+        let mut h = map(&[("location", "https://elsewhere.test/paymentiq/x")]);
+        rewrite_locations(
+            &mut h,
+            "https://api.example.test/paymentiq/",
+            "/paymentiq/",
+            "http://localhost:7080/",
+        );
+        assert_eq!(
+            h.get("location").unwrap(),
+            "https://elsewhere.test/paymentiq/x"
+        );
+    }
+}

@@ -1,0 +1,349 @@
+//! The reverse proxy: every request goes to the one configured upstream with
+//! `Authorization: Bearer <token>` in place of whatever the client sent.
+//!
+//! Per request: one `ArcSwap` load for the token (no lock, never a call to
+//! the token endpoint), header rewriting in place, bodies streamed both ways.
+//! A 401 that says the token is bad invalidates that generation (the refresher
+//! fetches a new one, once for any number of such 401s) and the request is
+//! replayed once from the bounded copy its body kept while streaming.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod path;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::uri::{Authority, Scheme};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::config::{ProxyConfig, RetryOn401};
+use crate::metrics::Metrics;
+use crate::token::TokenHandle;
+use body::{Direction, Exchange, ProxyBody};
+pub use error::ProxyError;
+use headers::X_REQUEST_ID;
+
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+
+/// Everything a request needs, built once at start.
+pub struct Proxy {
+    cfg: ProxyConfig,
+    token: Arc<TokenHandle>,
+    metrics: Arc<Metrics>,
+    /// HTTP/1.1, or HTTP/2 when the upstream offers it by ALPN.
+    client: UpstreamClient,
+    /// HTTP/1.1 only: an upgrade cannot ride a pooled HTTP/2 connection.
+    upgrade_client: UpstreamClient,
+    scheme: Scheme,
+    authority: Authority,
+    /// Upstream base URL as text (`https://host/base/`) and its path (`/base/`).
+    base_url: String,
+    base_path: String,
+}
+
+impl Proxy {
+    pub fn new(
+        cfg: ProxyConfig,
+        token: Arc<TokenHandle>,
+        metrics: Arc<Metrics>,
+        tls: rustls::ClientConfig,
+    ) -> Result<Self, http::Error> {
+        let upstream: Uri = cfg.upstream.as_str().parse()?;
+        let scheme = upstream.scheme().cloned().unwrap_or(Scheme::HTTPS);
+        let authority = upstream
+            .authority()
+            .cloned()
+            .unwrap_or_else(|| Authority::from_static("invalid"));
+        let client = build_client(&cfg, tls.clone(), true);
+        let upgrade_client = build_client(&cfg, tls, false);
+        Ok(Proxy {
+            base_url: cfg.upstream.as_str().to_owned(),
+            base_path: cfg.upstream.path().to_owned(),
+            cfg,
+            token,
+            metrics,
+            client,
+            upgrade_client,
+            scheme,
+            authority,
+        })
+    }
+
+    /// Serves one request; never fails: errors become local JSON answers.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let request_id = req
+            .headers()
+            .get(&X_REQUEST_ID)
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .cloned()
+            .unwrap_or_else(new_request_id);
+        let exchange = Arc::new(Exchange::new(
+            req.method().clone(),
+            req.uri().clone(),
+            request_id.clone(),
+            self.metrics.clone(),
+            self.cfg.access_log,
+        ));
+        let mut resp = match self.forward(req, peer, &exchange).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                self.metrics.local_response(e.code());
+                if e.status().is_server_error() {
+                    warn!(error = e.code(), request_id = request_id.to_str().unwrap_or("-"),
+                        cause = %crate::token::refresher::error_chain(&e), "answered by the sidecar");
+                } else {
+                    debug!(error = e.code(), "request refused");
+                }
+                e.to_response()
+            }
+        };
+        exchange
+            .status
+            .store(resp.status().as_u16(), Ordering::Relaxed);
+        resp.headers_mut().insert(&X_REQUEST_ID, request_id);
+        self.metrics.request_done(exchange.start.elapsed());
+        resp.map(|b| b.track(exchange, Direction::Down))
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        ex: &Arc<Exchange>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        if req.method() == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed);
+        }
+        if req.version() < Version::HTTP_2 {
+            if let Some(a) = req.uri().authority() {
+                if !is_local_host(a.host()) {
+                    return Err(ProxyError::BadRequest(
+                        "absolute-form target names another host; this proxy reaches only its configured upstream",
+                    ));
+                }
+            }
+        }
+        path::check(req.uri().path(), &self.cfg.allow_paths).map_err(|r| match r {
+            path::PathRejection::DotSegment => {
+                ProxyError::BadRequest("dot-segments are not allowed in the request path")
+            }
+            path::PathRejection::NotAllowed => ProxyError::PathNotAllowed,
+        })?;
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path::join(
+                &self.base_path,
+                req.uri().path(),
+                req.uri().query(),
+            ))
+            .build()
+            .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+
+        let (generation, bearer) = match self.token.usable() {
+            Some(t) => t,
+            // Before the first token, wait for it rather than fail at once.
+            None if !self.token.ever_had_token() => self
+                .token
+                .wait_usable(0, self.cfg.token_wait)
+                .await
+                .map_err(|u| ProxyError::TokenUnavailable {
+                    retry_after: u.retry_after,
+                })?,
+            // An expired token is never injected.
+            None => {
+                return Err(ProxyError::TokenUnavailable {
+                    retry_after: self.token.retry_after(),
+                })
+            }
+        };
+        ex.generation.store(generation, Ordering::Relaxed);
+
+        let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_host = req.headers().get(header::HOST).cloned();
+        let (mut parts, body) = req.into_parts();
+        let peer_ip = peer.ip().to_string();
+        let forwarded = self
+            .cfg
+            .forwarded_headers
+            .then_some((peer_ip.as_str(), "http"));
+        headers::rewrite_request(&mut parts.headers, bearer, upgrade, forwarded);
+        parts.headers.insert(&X_REQUEST_ID, ex.request_id.clone());
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+
+        let mut body =
+            ProxyBody::stream(body, self.cfg.body_idle_timeout).track(ex.clone(), Direction::Up);
+        let replay = (self.cfg.retry_on_401 != RetryOn401::Off && !upgrade).then(|| {
+            let copy = body.tee(self.cfg.retry_body_limit);
+            (
+                copy,
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
+        let mut resp = self
+            .send(Request::from_parts(parts, body), upgrade, ex)
+            .await?;
+
+        if resp.status() == StatusCode::UNAUTHORIZED && self.token_rejected(resp.headers()) {
+            // Whatever happens to this request, that token is no good.
+            self.token.invalidate(generation);
+            if let Some((mut copy, method, uri, mut headers)) = replay {
+                // The copy is there only if the body ended within the limit.
+                if let Ok(chunks) = copy.try_recv() {
+                    if let Ok((newer, bearer)) = self
+                        .token
+                        .wait_usable(generation, self.cfg.token_wait)
+                        .await
+                    {
+                        headers.insert(header::AUTHORIZATION, bearer);
+                        let mut again = Request::new(ProxyBody::chunks(chunks));
+                        *again.method_mut() = method;
+                        *again.uri_mut() = uri;
+                        *again.headers_mut() = headers;
+                        ex.generation.store(newer, Ordering::Relaxed);
+                        ex.replayed.store(true, Ordering::Relaxed);
+                        self.metrics.replayed_after_401();
+                        resp = self.send(again, false, ex).await?;
+                    }
+                }
+            }
+        }
+        Ok(self.respond(resp, client_upgrade, client_host))
+    }
+
+    /// Whether a 401 says our token is bad, per `proxy.retry_on_401`.
+    fn token_rejected(&self, headers: &HeaderMap) -> bool {
+        match self.cfg.retry_on_401 {
+            RetryOn401::Off => false,
+            RetryOn401::Any => true,
+            RetryOn401::InvalidToken => headers
+                .get_all(header::WWW_AUTHENTICATE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| {
+                    let v = v.to_ascii_lowercase();
+                    v.contains("error=\"invalid_token\"") || v.contains("error=invalid_token")
+                }),
+        }
+    }
+
+    async fn send(
+        &self,
+        req: Request<ProxyBody>,
+        upgrade: bool,
+        ex: &Exchange,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let client = if upgrade {
+            &self.upgrade_client
+        } else {
+            &self.client
+        };
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.cfg.request_timeout, client.request(req)).await;
+        ex.upstream_us
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match result {
+            Err(_) => Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) if crate::tls::is_tls_error(&e) => Err(ProxyError::UpstreamTls(e)),
+            Ok(Err(e)) => Err(ProxyError::UpstreamUnavailable(e)),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    fn respond(
+        &self,
+        mut resp: Response<Incoming>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        client_host: Option<HeaderValue>,
+    ) -> Response<ProxyBody> {
+        self.metrics.upstream_status(resp.status().as_u16());
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            if let Some(client_side) = client_upgrade {
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(client_side, upstream_side));
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, switching);
+        if parts.headers.contains_key(header::LOCATION)
+            || parts.headers.contains_key(header::CONTENT_LOCATION)
+        {
+            let host = client_host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+                .or_else(|| self.cfg.listen.first().map(|a| a.to_string()))
+                .unwrap_or_else(|| "localhost".into());
+            let public = format!("http://{host}/");
+            headers::rewrite_locations(
+                &mut parts.headers,
+                &self.base_url,
+                &self.base_path,
+                &public,
+            );
+        }
+        Response::from_parts(parts, ProxyBody::stream(body, self.cfg.body_idle_timeout))
+    }
+}
+
+/// Bytes both ways between an upgraded client and upstream, until either closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((c, u)) => {
+            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => debug!(error = %e, "upgrade failed"),
+    }
+}
+
+fn build_client(cfg: &ProxyConfig, tls: rustls::ClientConfig, allow_h2: bool) -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(cfg.connect_timeout));
+    http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    let connector = if allow_h2 {
+        builder.enable_http1().enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// Hosts an absolute-form request target may name: this machine.
+fn is_local_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A fresh request id: 128 random bits in hex.
+fn new_request_id() -> HeaderValue {
+    let s = format!("{:032x}", fastrand::u128(..));
+    HeaderValue::try_from(s).expect("hex digits are a valid header value")
+}

@@ -1,0 +1,171 @@
+//! Secrets: where they come from and how they are kept out of every output.
+//!
+//! Values live in [`secrecy::SecretString`], whose `Debug` prints `[REDACTED]`,
+//! so a secret can only reach a log line through an explicit `expose_secret()`.
+//! A `*_file` secret is read afresh on every use: Kubernetes rotates a mounted
+//! Secret by swapping a symlink, and a fresh read is the one method that cannot
+//! miss such a swap. [`SecretSource::fingerprint`] lets the token task notice a
+//! change cheaply so it can retry at once after a rejected login.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+
+/// Where one secret comes from.
+#[derive(Clone)]
+pub enum SecretSource {
+    /// Written in the config (the TOML file or an environment variable).
+    Inline(SecretString),
+    /// Read from this file on every use; one trailing newline is trimmed.
+    File(PathBuf),
+}
+
+/// A secret file that could not be read. Names the path, never the content.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read secret file {path}")]
+pub struct SecretFileError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl SecretSource {
+    /// The current value (a file is read now).
+    pub fn load(&self) -> Result<SecretString, SecretFileError> {
+        match self {
+            SecretSource::Inline(s) => Ok(s.clone()),
+            SecretSource::File(path) => read_secret_file(path),
+        }
+    }
+
+    /// A hash of the current value, to notice rotation without keeping a copy.
+    /// `None` for inline secrets, which never change, and unreadable files.
+    pub fn fingerprint(&self) -> Option<u64> {
+        match self {
+            SecretSource::Inline(_) => None,
+            SecretSource::File(path) => {
+                let value = read_secret_file(path).ok()?;
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                value.expose_secret().hash(&mut h);
+                Some(h.finish())
+            }
+        }
+    }
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline([redacted])"),
+            SecretSource::File(p) => f.debug_tuple("File").field(p).finish(),
+        }
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<SecretString, SecretFileError> {
+    let mut text = std::fs::read_to_string(path).map_err(|source| SecretFileError {
+        path: path.to_owned(),
+        source,
+    })?;
+    trim_one_newline(&mut text);
+    Ok(SecretString::from(text))
+}
+
+/// `echo secret > file` and `kubectl create secret --from-file` leave one
+/// trailing newline that is not part of the secret; more than one is kept,
+/// since a secret may really end in white space.
+pub fn trim_one_newline(text: &mut String) {
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+}
+
+/// Shortest run of token-like characters that [`redact_text`] hides.
+///
+/// Access and refresh tokens (opaque or JWT) are far longer; OAuth error codes
+/// and ordinary words are shorter.
+pub const REDACT_MIN_RUN: usize = 20;
+
+/// Longest text kept from a server's `error_description`.
+pub const DESCRIPTION_MAX_CHARS: usize = 200;
+
+/// Makes server-supplied text safe to log.
+///
+/// Servers echo tokens (and sometimes the submitted credentials) in
+/// `error_description`, so every run of [`REDACT_MIN_RUN`] or more token-like
+/// characters is replaced, every `known` secret is replaced wherever it
+/// stands, and the result is cut to [`DESCRIPTION_MAX_CHARS`].
+pub fn redact_text(text: &str, known: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for secret in known.iter().filter(|s| s.len() >= 3) {
+        out = out.replace(secret, "[redacted]");
+    }
+    let mut result = String::with_capacity(out.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, result: &mut String| {
+        if run.chars().count() >= REDACT_MIN_RUN {
+            result.push_str("[redacted]");
+        } else {
+            result.push_str(run);
+        }
+        run.clear();
+    };
+    for c in out.chars() {
+        if c.is_ascii_alphanumeric() || "-._~+/=".contains(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut result);
+            if !c.is_control() {
+                result.push(c);
+            }
+        }
+    }
+    flush(&mut run, &mut result);
+    if result.chars().count() > DESCRIPTION_MAX_CHARS {
+        result = result.chars().take(DESCRIPTION_MAX_CHARS).collect();
+        result.push('…');
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_token_like_runs_and_known_secrets() {
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.abcdefghijklmnop";
+        let s = redact_text(&format!("Invalid refresh token: {jwt}"), &[]);
+        assert_eq!(s, "Invalid refresh token: [redacted]");
+        let s = redact_text("Bad credentials for p&ss w0rd", &["p&ss w0rd"]);
+        assert_eq!(s, "Bad credentials for [redacted]");
+        assert_eq!(redact_text("Bad credentials", &[]), "Bad credentials");
+    }
+
+    #[test]
+    fn cuts_long_descriptions() {
+        let s = redact_text(&"ab ".repeat(500), &[]);
+        assert!(s.chars().count() <= DESCRIPTION_MAX_CHARS + 1);
+    }
+
+    #[test]
+    fn trims_exactly_one_newline() {
+        let mut s = "pw\n\n".to_string();
+        trim_one_newline(&mut s);
+        assert_eq!(s, "pw\n");
+        let mut s = "pw\r\n".to_string();
+        trim_one_newline(&mut s);
+        assert_eq!(s, "pw");
+    }
+
+    #[test]
+    fn debug_prints_no_secret() {
+        let s = SecretSource::Inline(SecretString::from("hunter2".to_string()));
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,391 @@
+//! The one background task that talks to the token endpoint.
+//!
+//! It never exits while the process runs: every failure becomes a later
+//! attempt. It picks the grant (the "ladder"), applies the pure policy of
+//! [`super::schedule`], publishes tokens through the [`TokenHandle`] and keeps
+//! the status snapshot current.
+//!
+//! The ladder:
+//! - scheduled refresh: the refresh_token grant when a refresh token is held,
+//!   else the password grant;
+//! - refresh refused (`invalid_grant`, Spring's 401 `invalid_token`, ...): drop
+//!   the refresh token and do the password grant at once;
+//! - the upstream rejected our token (a 401 replay asked for a new one): the
+//!   password grant first. On servers that keep one token per client and
+//!   user, a refresh revokes the token every other pod of the fleet holds, and
+//!   if those pods answered their 401s with refreshes of their own they would
+//!   revoke each other in a loop; a password grant instead returns the live
+//!   token without revoking anything, so the fleet converges;
+//! - a password grant that answers with the token already held (such servers
+//!   again) keeps the generation and the original expiry, and the next attempt
+//!   uses the refresh_token grant if one is held, with backoff from
+//!   `min_interval`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::client::{Grant, TokenEndpoint, TokenResponse};
+use super::error::{ErrorClass, GrantKind, Outcome, TokenError};
+use super::schedule;
+use super::{AttemptReport, Command, Status, Token, TokenHandle};
+use crate::config::RefreshConfig;
+use crate::metrics::Metrics;
+use crate::secret::SecretSource;
+
+/// What the refresh loop needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub refresh: RefreshConfig,
+    pub oauth_timeout: Duration,
+    /// Secret files whose change triggers an immediate retry after a refused login.
+    pub secrets: Vec<SecretSource>,
+}
+
+/// Starts the refresh loop; the first attempt is made at once.
+///
+/// `jitter` returns a uniform value in `[0, 1)`; tests pass a constant.
+pub fn spawn<E: TokenEndpoint>(
+    endpoint: E,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    jitter: fn() -> f64,
+) -> (Arc<TokenHandle>, JoinHandle<()>) {
+    let (handle, commands) = TokenHandle::new();
+    let refresher = Refresher {
+        endpoint,
+        settings,
+        handle: handle.clone(),
+        commands,
+        metrics,
+        jitter,
+        held: None,
+        refresh_token: None,
+        generation: 0,
+        transient_failures: 0,
+        rejected_failures: 0,
+        same_token_answers: 0,
+        last_attempt: None,
+        next: Instant::now(),
+        forced: false,
+        secret_prints: None,
+        status: (*handle.status()).clone(),
+    };
+    let task = tokio::spawn(refresher.run());
+    (handle, task)
+}
+
+struct Held {
+    access: SecretString,
+    expires_at: Instant,
+    usable_until: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    Scheduled,
+    /// The upstream rejected the current generation.
+    Invalidated,
+    Admin,
+}
+
+struct Refresher<E> {
+    endpoint: E,
+    settings: Settings,
+    handle: Arc<TokenHandle>,
+    commands: mpsc::Receiver<Command>,
+    metrics: Arc<Metrics>,
+    jitter: fn() -> f64,
+    held: Option<Held>,
+    refresh_token: Option<SecretString>,
+    generation: u64,
+    transient_failures: u32,
+    rejected_failures: u32,
+    same_token_answers: u32,
+    last_attempt: Option<Instant>,
+    next: Instant,
+    /// An invalidation is waiting for `min_interval` to pass.
+    forced: bool,
+    /// Secret fingerprints taken after a refused login; `Some` while waiting.
+    secret_prints: Option<Vec<Option<u64>>>,
+    status: Status,
+}
+
+impl<E: TokenEndpoint> Refresher<E> {
+    async fn run(mut self) {
+        loop {
+            self.status.next_attempt = self.next;
+            self.handle.set_status(self.status.clone());
+            let poll = self.secret_prints.is_some();
+            tokio::select! {
+                biased;
+                Some(Command::Refresh(reply)) = self.commands.recv() => {
+                    let report = self.attempt(Reason::Admin).await;
+                    let _ = reply.send(report);
+                }
+                () = self.handle.invalidation() => self.on_invalidation(),
+                () = tokio::time::sleep_until(self.next) => {
+                    let reason = if self.forced { Reason::Invalidated } else { Reason::Scheduled };
+                    self.attempt(reason).await;
+                }
+                () = tokio::time::sleep(self.settings.refresh.secret_poll_interval), if poll => {
+                    if self.secrets_changed() {
+                        info!("a secret file changed; retrying the login now");
+                        self.next = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_invalidation(&mut self) {
+        if self.generation == 0 || self.handle.invalidated_generation() < self.generation {
+            return; // a newer token already exists, or none yet: nothing to force
+        }
+        let earliest = self
+            .last_attempt
+            .map_or_else(Instant::now, |t| t + self.settings.refresh.min_interval);
+        self.forced = true;
+        // Never sooner than min_interval after the last attempt, so an upstream
+        // that rejects every token cannot drive a grant storm.
+        self.next = self.next.min(earliest);
+    }
+
+    fn choose_grant(&self, reason: Reason) -> Grant {
+        let password_first = reason == Reason::Invalidated && self.same_token_answers == 0;
+        match &self.refresh_token {
+            Some(rt) if !password_first => Grant::RefreshToken(rt.clone()),
+            _ => Grant::Password,
+        }
+    }
+
+    async fn attempt(&mut self, reason: Reason) -> AttemptReport {
+        let grant = self.choose_grant(reason);
+        let kind = grant.kind();
+        let sent_at = Instant::now();
+        let sent_wall = SystemTime::now();
+        // A hung call must not outlive the token it is meant to replace.
+        let timeout = match &self.held {
+            Some(h) if h.expires_at > sent_at => {
+                self.settings.oauth_timeout.min(h.expires_at - sent_at)
+            }
+            _ => self.settings.oauth_timeout,
+        };
+        self.last_attempt = Some(sent_at);
+        self.forced = false;
+        let result =
+            match tokio::time::timeout(timeout, self.endpoint.request(&grant, timeout)).await {
+                Ok(r) => r,
+                Err(_) => Err(TokenError::Timeout(timeout)),
+            };
+        let outcome = match &result {
+            Ok(_) => Outcome::Success,
+            Err(e) => e.outcome(),
+        };
+        self.metrics.token_request(kind, outcome, sent_at.elapsed());
+        self.status.last_attempt_at = Some(sent_wall);
+        self.status.last_grant = Some(kind);
+        self.status.last_outcome = Some(outcome);
+        let mut report = AttemptReport {
+            grant: kind,
+            outcome,
+            generation: self.generation,
+            error: None,
+            expires_in_secs: None,
+        };
+        let result = result.and_then(|resp| {
+            let lifetime = resp.lifetime;
+            self.on_success(kind, resp, sent_at, sent_wall)
+                .map(|()| lifetime)
+        });
+        match result {
+            Ok(lifetime) => {
+                report.generation = self.generation;
+                report.expires_in_secs = Some(lifetime.as_secs());
+                self.status.last_error = None;
+                self.status.consecutive_failures = 0;
+            }
+            Err(e) => {
+                report.outcome = e.outcome();
+                report.error = Some(e.code().to_owned());
+                self.on_failure(kind, e);
+            }
+        }
+        report
+    }
+
+    fn on_success(
+        &mut self,
+        kind: GrantKind,
+        resp: TokenResponse,
+        sent_at: Instant,
+        sent_wall: SystemTime,
+    ) -> Result<(), TokenError> {
+        let cfg = &self.settings.refresh;
+        let now = Instant::now();
+        let same = self
+            .held
+            .as_ref()
+            .is_some_and(|h| h.access.expose_secret() == resp.access_token.expose_secret());
+        // Keep the old refresh token when a refresh (or a same-token answer)
+        // brings none: the server did not rotate it.
+        let keep_old = kind == GrantKind::RefreshToken || same;
+        let old = self.refresh_token.take();
+        self.refresh_token = resp.refresh_token.or(if keep_old { old } else { None });
+        self.transient_failures = 0;
+        self.rejected_failures = 0;
+        self.secret_prints = None;
+
+        if same {
+            // Same token, same expiry: never reschedule at 75% of a shrinking
+            // remainder. Try again (refresh grant if held) with backoff.
+            self.same_token_answers += 1;
+            let usable_left = self
+                .held
+                .as_ref()
+                .map(|h| h.usable_until.saturating_duration_since(now));
+            let delay = schedule::transient_backoff(
+                self.same_token_answers,
+                (self.jitter)(),
+                usable_left,
+                cfg,
+            );
+            self.next = now + delay;
+            info!(grant = %kind, generation = self.generation, retry_in_ms = delay.as_millis() as u64,
+                "token endpoint answered with the token already held; expiry unchanged");
+            return Ok(());
+        }
+
+        let mut header =
+            HeaderValue::try_from(format!("Bearer {}", resp.access_token.expose_secret()))
+                .map_err(|_| {
+                    TokenError::Invalid("access_token holds characters a header cannot carry")
+                })?;
+        header.set_sensitive(true);
+        let lifetime = resp.lifetime;
+        let expires_at = sent_at + lifetime;
+        let usable_until = expires_at - schedule::expiry_margin(lifetime, cfg);
+        let expires_wall = sent_wall + lifetime;
+        self.generation += 1;
+        self.same_token_answers = 0;
+        self.handle.publish(Token {
+            generation: self.generation,
+            header,
+            usable_until,
+            expires_at: expires_wall,
+        });
+        self.held = Some(Held {
+            access: resp.access_token,
+            expires_at,
+            usable_until,
+        });
+        let after = schedule::refresh_after(lifetime, (self.jitter)(), cfg);
+        self.next = (sent_at + after).max(now + cfg.min_interval);
+        self.metrics.token_obtained(self.generation, expires_wall);
+        self.status.generation = self.generation;
+        self.status.obtained_at = Some(sent_wall);
+        self.status.expires_at = Some(expires_wall);
+        self.status.grant = Some(kind);
+        info!(
+            grant = %kind,
+            generation = self.generation,
+            expires_in = lifetime.as_secs(),
+            refresh_in = after.as_secs(),
+            rotated_refresh_token = kind == GrantKind::RefreshToken && self.refresh_token.is_some(),
+            "{}",
+            if self.generation == 1 { "token obtained" } else { "token refreshed" }
+        );
+        Ok(())
+    }
+
+    fn on_failure(&mut self, kind: GrantKind, e: TokenError) {
+        let cfg = &self.settings.refresh;
+        let now = Instant::now();
+        self.status.last_error = Some(e.code().to_owned());
+        self.status.consecutive_failures += 1;
+        let description = match &e {
+            TokenError::Rejected { description, .. } => description.clone(),
+            _ => None,
+        };
+        let valid_for = self
+            .held
+            .as_ref()
+            .map(|h| h.usable_until.saturating_duration_since(now))
+            .filter(|d| !d.is_zero());
+        match e.class(kind) {
+            ErrorClass::RefreshRefused => {
+                warn!(grant = %kind, error = e.code(), description = description.as_deref(),
+                    "refresh token refused; dropping it and using the password grant");
+                self.refresh_token = None;
+                self.next = now;
+            }
+            ErrorClass::Transient => {
+                self.transient_failures += 1;
+                let delay = schedule::transient_backoff(
+                    self.transient_failures,
+                    (self.jitter)(),
+                    valid_for,
+                    cfg,
+                );
+                self.next = now + delay;
+                warn!(grant = %kind, error = e.code(), failures = self.transient_failures,
+                    retry_in_ms = delay.as_millis() as u64,
+                    token_valid_for_ms = valid_for.map(|d| d.as_millis() as u64),
+                    cause = %error_chain(&e), "token request failed; will retry");
+            }
+            ErrorClass::Permanent => {
+                self.rejected_failures += 1;
+                let delay =
+                    schedule::rejected_backoff(self.rejected_failures, (self.jitter)(), cfg);
+                self.next = now + delay;
+                self.secret_prints = Some(self.fingerprints());
+                let message = if e.outcome() == Outcome::Rejected {
+                    "token request rejected"
+                } else {
+                    "token request failed"
+                };
+                error!(grant = %kind, error = e.code(), description = description.as_deref(),
+                    hint = e.hint(kind), failures = self.rejected_failures,
+                    retry_in_s = delay.as_secs(), cause = %error_chain(&e), "{message}");
+            }
+        }
+    }
+
+    fn fingerprints(&self) -> Vec<Option<u64>> {
+        self.settings
+            .secrets
+            .iter()
+            .map(SecretSource::fingerprint)
+            .collect()
+    }
+
+    fn secrets_changed(&mut self) -> bool {
+        let now = self.fingerprints();
+        match &self.secret_prints {
+            Some(before) if *before != now => {
+                self.secret_prints = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `error: cause: cause` for a log field; every link is secret-free by
+/// construction of [`TokenError`].
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

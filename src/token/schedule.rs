@@ -1,0 +1,199 @@
+//! Pure policy: when to refresh, how long to back off, how long a token may be
+//! used. Functions of numbers (and an injected jitter in `[0, 1)`), so they are
+//! tested exactly, without clocks.
+
+use std::time::Duration;
+
+use crate::config::RefreshConfig;
+
+/// The refresh band: a token is refreshed between 75% and 80% of its lifetime,
+/// uniformly (so a fleet started together does not refresh together).
+///
+/// Worked example with the PaymentIQ lifetime of 86399 s: 75% is 64799 s
+/// (18.0 h) and 80% is 69119 s (19.2 h); `refresh.min_remaining` (30 s) is far
+/// from binding, so the first refresh falls between 18.0 h and 19.2 h.
+pub const REFRESH_BAND: (f64, f64) = (0.75, 0.80);
+
+/// Ceiling on the default expiry margin: a token is not injected in its last
+/// 5 s (or last 10% of a short lifetime), so clock skew and the request's own
+/// travel time cannot make the upstream see it expired.
+pub const DEFAULT_MAX_MARGIN: Duration = Duration::from_secs(5);
+
+/// When to refresh a token of `lifetime`, counted from when it was requested.
+///
+/// At `REFRESH_BAND` (jittered), but never later than `min_remaining` before
+/// expiry, where `min_remaining` is capped at half the lifetime so that a
+/// 3 s token is refreshed at 1.5 s rather than never; and never sooner than
+/// `min_interval`. Example: 3 s -> 1.5 s; 120 s -> 90-96 s; 86399 s -> 18-19.2 h.
+pub fn refresh_after(lifetime: Duration, jitter: f64, cfg: &RefreshConfig) -> Duration {
+    let fraction = REFRESH_BAND.0 + (REFRESH_BAND.1 - REFRESH_BAND.0) * jitter.clamp(0.0, 1.0);
+    let planned = lifetime.mul_f64(fraction);
+    let min_remaining = cfg.min_remaining.min(lifetime / 2);
+    let latest = lifetime.saturating_sub(min_remaining);
+    planned.min(latest).max(cfg.min_interval)
+}
+
+/// The mean of [`refresh_after`] over the jitter, for capacity planning and the
+/// soak's stampede bound.
+pub fn mean_refresh_after(lifetime: Duration, cfg: &RefreshConfig) -> Duration {
+    (refresh_after(lifetime, 0.0, cfg) + refresh_after(lifetime, 1.0, cfg)) / 2
+}
+
+/// How long before its true expiry a token stops being injected:
+/// `refresh.expiry_margin`, or by default the smaller of 5 s and 10% of the
+/// lifetime (so 3 s tokens keep 2.7 s of use).
+pub fn expiry_margin(lifetime: Duration, cfg: &RefreshConfig) -> Duration {
+    match cfg.expiry_margin {
+        Some(m) => m.min(lifetime),
+        None => DEFAULT_MAX_MARGIN.min(lifetime / 10),
+    }
+}
+
+/// Delay before retrying after the `failures`-th transient error in a row:
+/// exponential from `backoff_base` up to `backoff_max`, full jitter, never
+/// below `min_interval`; and while a token is still usable for `usable_left`,
+/// at most half of that, so the retry happens before the token runs out.
+pub fn transient_backoff(
+    failures: u32,
+    jitter: f64,
+    usable_left: Option<Duration>,
+    cfg: &RefreshConfig,
+) -> Duration {
+    let exp = exponential(cfg.backoff_base, cfg.backoff_max, failures);
+    let mut d = exp.mul_f64(jitter.clamp(0.0, 1.0));
+    if let Some(left) = usable_left {
+        d = d.min(left / 2);
+    }
+    d.max(cfg.min_interval)
+}
+
+/// Delay after the `failures`-th permanent error (a refused login) in a row:
+/// exponential from `rejected_backoff_min` to `rejected_backoff_max`, with
+/// "equal" jitter (between half and all of the step) so that a fleet spreads
+/// out but never hammers the server with near-zero delays.
+pub fn rejected_backoff(failures: u32, jitter: f64, cfg: &RefreshConfig) -> Duration {
+    let exp = exponential(cfg.rejected_backoff_min, cfg.rejected_backoff_max, failures);
+    (exp / 2 + (exp / 2).mul_f64(jitter.clamp(0.0, 1.0))).max(cfg.min_interval)
+}
+
+fn exponential(base: Duration, max: Duration, failures: u32) -> Duration {
+    let shift = failures.saturating_sub(1).min(30);
+    base.saturating_mul(1u32 << shift).min(max)
+}
+
+/// Whole seconds a client should wait before retrying, at least 1.
+pub fn retry_after_secs(until_next_attempt: Duration) -> u64 {
+    until_next_attempt.as_secs_f64().ceil().max(1.0) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg() -> RefreshConfig {
+        RefreshConfig {
+            min_remaining: Duration::from_secs(30),
+            min_interval: Duration::from_secs(1),
+            expiry_margin: None,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            rejected_backoff_min: Duration::from_secs(60),
+            rejected_backoff_max: Duration::from_secs(1800),
+            secret_poll_interval: Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn paymentiq_lifetime_refreshes_between_18_and_19_2_hours() {
+        let l = Duration::from_secs(86399);
+        assert_eq!(refresh_after(l, 0.0, &cfg()).as_secs(), 64799);
+        assert_eq!(refresh_after(l, 1.0, &cfg()).as_secs(), 69119);
+    }
+
+    #[test]
+    fn short_tokens_refresh_at_half_life() {
+        assert_eq!(
+            refresh_after(Duration::from_secs(3), 0.5, &cfg()),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(
+            refresh_after(Duration::from_secs(60), 1.0, &cfg()),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            refresh_after(Duration::from_millis(500), 0.0, &cfg()),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn margins() {
+        assert_eq!(
+            expiry_margin(Duration::from_secs(3), &cfg()),
+            Duration::from_millis(300)
+        );
+        assert_eq!(
+            expiry_margin(Duration::from_secs(86399), &cfg()),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn backoffs_grow_and_cap() {
+        let c = cfg();
+        assert_eq!(transient_backoff(1, 1.0, None, &c), Duration::from_secs(1));
+        assert_eq!(transient_backoff(3, 1.0, None, &c), Duration::from_secs(4));
+        assert_eq!(
+            transient_backoff(30, 1.0, None, &c),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            transient_backoff(30, 1.0, Some(Duration::from_secs(10)), &c),
+            Duration::from_secs(5)
+        );
+        assert_eq!(transient_backoff(30, 0.0, None, &c), Duration::from_secs(1));
+        assert_eq!(rejected_backoff(1, 1.0, &c), Duration::from_secs(60));
+        assert_eq!(rejected_backoff(1, 0.0, &c), Duration::from_secs(30));
+        assert_eq!(rejected_backoff(20, 1.0, &c), Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+    }
+
+    proptest! {
+        #[test]
+        fn refresh_is_inside_bounds(secs in 1u64..=30 * 86400, millis in 0u64..1000, jitter in 0.0f64..1.0) {
+            let c = cfg();
+            let l = Duration::from_secs(secs) + Duration::from_millis(millis);
+            let at = refresh_after(l, jitter, &c);
+            // never sooner than min_interval
+            prop_assert!(at >= c.min_interval);
+            // never later than min_remaining (capped at half the lifetime) before expiry,
+            // unless the lifetime is so short that min_interval wins
+            let min_remaining = c.min_remaining.min(l / 2);
+            prop_assert!(at <= l.saturating_sub(min_remaining).max(c.min_interval));
+            // never later than 80% of the lifetime, never before 75% unless capped
+            prop_assert!(at <= l.mul_f64(0.80).max(c.min_interval) + Duration::from_nanos(1));
+            if l >= Duration::from_secs(120) {
+                prop_assert!(at >= l.mul_f64(0.75) - Duration::from_nanos(1));
+            }
+            // the token is still usable when the refresh is due
+            if l >= Duration::from_secs(2) {
+                prop_assert!(at < l - expiry_margin(l, &c));
+            }
+        }
+
+        #[test]
+        fn transient_retry_happens_while_the_token_is_usable(n in 1u32..100, jitter in 0.0f64..1.0, left_ms in 2_001u64..10_000_000) {
+            let c = cfg();
+            let left = Duration::from_millis(left_ms);
+            let d = transient_backoff(n, jitter, Some(left), &c);
+            prop_assert!(d < left);
+            prop_assert!(d >= c.min_interval);
+        }
+    }
+}

@@ -641,7 +641,7 @@ impl<'a> Reader<'a> {
                 ));
             }
         }
-        if c.proxy.listen.contains(&c.admin.listen) {
+        if c.admin.listen.port() != 0 && c.proxy.listen.contains(&c.admin.listen) {
             self.problem(
                 "admin.listen",
                 "must differ from every proxy.listen address",

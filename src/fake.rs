@@ -163,7 +163,13 @@ impl World {
     fn token_answer(&self, req: &SeenRequest) -> (u16, serde_json::Value) {
         let mut w = self.lock();
         let client_ok = match basic_credentials(&req.headers) {
-            Some((id, secret)) => id == w.client_id && secret == w.client_secret,
+            // Spring compares the raw `id:secret`; RFC 6749 2.3.1 servers
+            // form-decode both halves first. Accept either, as the sidecar
+            // offers both (`client_auth = "basic"` and `"basic-rfc"`).
+            Some((id, secret)) => {
+                (id == w.client_id && secret == w.client_secret)
+                    || (form_decode(&id) == w.client_id && form_decode(&secret) == w.client_secret)
+            }
             None => {
                 req.param("client_id") == Some(w.client_id.as_str())
                     && req.param("client_secret") == Some(w.client_secret.as_str())
@@ -293,6 +299,14 @@ fn basic_credentials(h: &HeaderMap) -> Option<(String, String)> {
     let raw = String::from_utf8(STANDARD.decode(b64.trim()).ok()?).ok()?;
     let (id, secret) = raw.split_once(':')?;
     Some((id.to_owned(), secret.to_owned()))
+}
+
+/// `application/x-www-form-urlencoded` decoding of one value (`+` is a space).
+fn form_decode(s: &str) -> String {
+    let plus_as_space = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus_as_space)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// A fake server on `127.0.0.1:0`; stops when dropped.

@@ -377,6 +377,16 @@ impl<'a> Reader<'a> {
             .is_some_and(|md| md.name.contains("environment"))
     }
 
+    /// A required key that no source sets (its source would otherwise read
+    /// "default", which there is none of).
+    fn missing(&mut self, key: &str, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            source: "not set".into(),
+            message: message.into(),
+        });
+    }
+
     fn problem(&mut self, key: &str, message: impl Into<String>) {
         let source = self.source(key);
         self.problems.push(Problem {
@@ -428,7 +438,7 @@ impl<'a> Reader<'a> {
                 String::new()
             }
             None => {
-                self.problem(key, "is required");
+                self.missing(key, "is required");
                 String::new()
             }
         }
@@ -510,7 +520,7 @@ impl<'a> Reader<'a> {
 
     fn url(&mut self, key: &'static str, is_base: bool) -> Option<Url> {
         let Some(text) = self.string(key) else {
-            self.problem(key, "is required");
+            self.missing(key, "is required");
             return None;
         };
         let mut url = match Url::parse(&text) {
@@ -559,11 +569,7 @@ impl<'a> Reader<'a> {
                 SecretSource::Inline(SecretString::from(String::new()))
             }
             (None, None) => {
-                self.problems.push(Problem {
-                    key: inline_key.into(),
-                    source: "missing".into(),
-                    message: format!("set {inline_key} or {file_key}"),
-                });
+                self.missing(inline_key, format!("set {inline_key} or {file_key}"));
                 SecretSource::Inline(SecretString::from(String::new()))
             }
             (Some(v), None) => {
@@ -664,19 +670,30 @@ impl<'a> Reader<'a> {
         for (k, v) in &root {
             self.walk(k.clone(), v, &mut unknown);
         }
-        for key in unknown {
+        for (key, value) in unknown {
             let is_section =
                 !self.known.iter().any(|k| k.starts_with(&format!("{key}."))) && !key.contains('.');
             let msg = if is_section {
-                "unknown section".to_string()
+                "unknown section"
             } else {
-                "unknown key".to_string()
+                "unknown key"
             };
-            self.problem(&key, msg);
+            // An unknown table's own name is no variable anyone set: name the
+            // sources of what it holds (`TOKEN_SIDECAR_NOPE__X`, the file).
+            let mut leaves = Vec::new();
+            leaf_keys(key.clone(), value, &mut leaves);
+            let mut sources: Vec<String> = leaves.iter().map(|l| self.source(l)).collect();
+            sources.sort();
+            sources.dedup();
+            self.problems.push(Problem {
+                key,
+                source: sources.join(", "),
+                message: msg.into(),
+            });
         }
     }
 
-    fn walk(&self, path: String, v: &Value, out: &mut Vec<String>) {
+    fn walk<'v>(&self, path: String, v: &'v Value, out: &mut Vec<(String, &'v Value)>) {
         if self.known.contains(path.as_str()) {
             return;
         }
@@ -688,8 +705,20 @@ impl<'a> Reader<'a> {
                     self.walk(format!("{path}.{k}"), v, out);
                 }
             }
-            _ => out.push(path),
+            _ => out.push((path, v)),
         }
+    }
+}
+
+/// The dotted paths of the non-table values under `path` (itself if it is one).
+fn leaf_keys(path: String, v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Dict(_, d) if !d.is_empty() => {
+            for (k, v) in d {
+                leaf_keys(format!("{path}.{k}"), v, out);
+            }
+        }
+        _ => out.push(path),
     }
 }
 

@@ -563,7 +563,7 @@ impl<'a> Reader<'a> {
                 let (a, b) = (self.source(inline_key), self.source(file_key));
                 self.problems.push(Problem {
                     key: inline_key.into(),
-                    source: format!("{a} and {b}"),
+                    source: if a == b { a } else { format!("{a} and {b}") },
                     message: format!("set both {inline_key} and {file_key}; set exactly one"),
                 });
                 SecretSource::Inline(SecretString::from(String::new()))

@@ -33,9 +33,9 @@ listen = "127.0.0.1:0"
 [oauth]
 token_url = "https://api.example.test/paymentiq/oauth/token"
 client_id = "client"
-client_secret = "secret"
+client_secret = "Sekr1t-client"
 username = "user"
-password = "pw"
+password = "Sekr1t-pass"
 timeout = "10s"
 "#;
 
@@ -95,19 +95,31 @@ fn check_toml(toml: &str, env: &[(&str, &str)]) -> (Outcome, TempDir) {
     (out, dir)
 }
 
-/// Asserts a config error: exit 2, and each `needle` on stderr.
+/// Marks the secrets of [`VALID`]: they never appear in any output.
+const SECRET_MARK: &str = "Sekr1t";
+
+/// Asserts a config error: exit 2, each `needle` on stderr, no secret.
 fn assert_problems(out: &Outcome, needles: &[&str]) {
     assert_eq!(out.code, EXIT_CONFIG, "{out:?}");
+    assert_no_secret(out);
     assert!(!out.stdout.contains("is valid"), "{out:?}");
     for n in needles {
         assert!(out.stderr.contains(n), "stderr lacks {n:?}: {out:?}");
     }
 }
 
+fn assert_no_secret(out: &Outcome) {
+    assert!(
+        !out.stdout.contains(SECRET_MARK) && !out.stderr.contains(SECRET_MARK),
+        "a secret was printed: {out:?}"
+    );
+}
+
 #[test]
 fn a_valid_config_passes() {
     let (out, _dir) = check_toml(VALID, &[]);
     assert_eq!(out.code, 0, "{out:?}");
+    assert_no_secret(&out);
     assert!(
         out.stdout.contains("sidecar.toml: configuration is valid"),
         "{out:?}"
@@ -158,9 +170,9 @@ fn client_secret_and_client_secret_file_together_are_an_error() {
     let dir = TempDir::new().unwrap();
     let secret = write(dir.path(), "secret", "s\n");
     let toml = VALID.replace(
-        "client_secret = \"secret\"",
+        "client_secret = \"Sekr1t-client\"",
         &format!(
-            "client_secret = \"secret\"\nclient_secret_file = {:?}",
+            "client_secret = \"Sekr1t-client\"\nclient_secret_file = {:?}",
             secret.to_str().unwrap()
         ),
     );
@@ -176,7 +188,10 @@ fn client_secret_and_client_secret_file_together_are_an_error() {
 
 #[test]
 fn an_unknown_key_in_the_file_is_named_with_the_file() {
-    let toml = VALID.replace("password = \"pw\"", "password = \"pw\"\npasword = \"typo\"");
+    let toml = VALID.replace(
+        "password = \"Sekr1t-pass\"",
+        "password = \"Sekr1t-pass\"\npasword = \"typo\"",
+    );
     let (out, _dir) = check_toml(&toml, &[]);
     assert_problems(&out, &["oauth.pasword (sidecar.toml): unknown key"]);
     let (out, _dir) = check_toml(&format!("{VALID}\n[proxyy]\nlisten = \"x\"\n"), &[]);
@@ -461,6 +476,7 @@ async fn a_secret_files_trailing_newline_is_trimmed() {
     let mut sidecar = Sidecar::spawn(dir.path(), &cfg, &[]);
     sidecar.await_password_grant(&world).await;
     assert_eq!(received_password(&world), "pw from file");
+    assert!(!sidecar.log().contains("pw from file"), "{}", sidecar.log());
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! endpoints, as one `match`. It only reads the token source; the one thing it
 //! can ask for (a forced refresh) goes through the token handle's door.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -41,7 +41,9 @@ impl Admin {
                 r
             }
             "/status" if get => json_response(StatusCode::OK, self.status_json()),
-            "/admin/refresh" | "/admin/shutdown" if post && !self.control_allowed(peer) => {
+            "/admin/refresh" | "/admin/shutdown"
+                if post && !control_allowed(peer.ip(), self.allow_remote_control) =>
+            {
                 json_response(
                     StatusCode::FORBIDDEN,
                     json!({"error": "forbidden", "message": "control endpoints accept loopback callers only (admin.allow_remote_control)"}),
@@ -76,12 +78,6 @@ impl Admin {
             }
             _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
         }
-    }
-
-    fn control_allowed(&self, peer: SocketAddr) -> bool {
-        self.allow_remote_control
-            || peer.ip().is_loopback()
-            || peer.ip().to_canonical().is_loopback()
     }
 
     fn ready(&self) -> Response<ProxyBody> {
@@ -135,6 +131,19 @@ impl Admin {
     }
 }
 
+/// Whether `peer` may use the control endpoints (`POST /admin/refresh`,
+/// `/admin/shutdown`).
+///
+/// The admin listener is usually reachable from the pod network (the kubelet
+/// probes it, Prometheus scrapes it), and anyone who can reach it could
+/// otherwise stop the sidecar or make it hammer the token endpoint. So by
+/// default only loopback callers, i.e. the containers of the same pod, are
+/// allowed; `admin.allow_remote_control = true` lifts that. An IPv4 caller
+/// on a dual-stack socket arrives as `::ffff:127.0.0.1`, hence `to_canonical`.
+pub fn control_allowed(peer: IpAddr, allow_remote_control: bool) -> bool {
+    allow_remote_control || peer.to_canonical().is_loopback()
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut r = Response::new(ProxyBody::full(body.into()));
     *r.status_mut() = status;
@@ -155,4 +164,33 @@ fn json_response(status: StatusCode, v: serde_json::Value) -> Response<ProxyBody
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_endpoints_take_loopback_callers_unless_remote_control_is_allowed() {
+        let loopback: [IpAddr; 4] = [
+            "127.0.0.1".parse().unwrap(),
+            "127.3.2.1".parse().unwrap(),
+            "::1".parse().unwrap(),
+            "::ffff:127.0.0.1".parse().unwrap(),
+        ];
+        let remote: [IpAddr; 4] = [
+            "10.1.2.3".parse().unwrap(),
+            "0.0.0.0".parse().unwrap(),
+            "fd00::1".parse().unwrap(),
+            "::ffff:10.1.2.3".parse().unwrap(),
+        ];
+        for ip in loopback {
+            assert!(control_allowed(ip, false), "{ip}");
+            assert!(control_allowed(ip, true), "{ip}");
+        }
+        for ip in remote {
+            assert!(!control_allowed(ip, false), "{ip}");
+            assert!(control_allowed(ip, true), "{ip}");
+        }
+    }
 }

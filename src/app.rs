@@ -23,6 +23,27 @@ use crate::token::{refresher, TokenHandle};
 /// Largest request head the proxy accepts; beyond it, 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// Name of the runtime's threads (at most 15 bytes: Linux truncates
+/// `/proc/PID/task/TID/comm` there).
+pub const WORKER_THREAD_NAME: &str = "sidecar-worker";
+
+/// How many runtime worker threads to start, and why that many.
+///
+/// `runtime.worker_threads` when set (not 0); else
+/// `std::thread::available_parallelism`, which on Linux is the affinity mask
+/// (cpuset, `taskset`) capped by the cgroup CPU quota, v2 `cpu.max` or v1
+/// `cpu.cfs_quota_us / cpu.cfs_period_us`, rounded down and at least 1. So a
+/// pod with `limits.cpu: 500m` on a 64-core node runs one worker, not 64.
+pub fn worker_threads(configured: usize) -> (usize, &'static str) {
+    if configured > 0 {
+        return (configured, "runtime.worker_threads");
+    }
+    match std::thread::available_parallelism() {
+        Ok(n) => (n.get(), "cpu quota and affinity"),
+        Err(_) => (1, "unknown parallelism: 1"),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}")]
@@ -210,24 +231,34 @@ impl Running {
     }
 }
 
-/// SIGTERM or SIGINT begins the shutdown; a second one exits at once.
+/// SIGTERM or SIGINT begins the shutdown; a second one exits at once with
+/// status 128 + the signal number.
 pub fn install_signal_handlers(lifecycle: Arc<Lifecycle>) -> io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
+        // Signal numbers as on Linux (and every Unix this runs on).
+        const SIGINT: i32 = 2;
+        const SIGTERM: i32 = 15;
         let mut count = 0;
         loop {
-            let name = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
+            let (name, number) = tokio::select! {
+                _ = term.recv() => ("SIGTERM", SIGTERM),
+                _ = int.recv() => ("SIGINT", SIGINT),
             };
             count += 1;
             if count == 1 {
                 lifecycle.begin_shutdown(name);
             } else {
-                warn!(signal = name, "second signal: exiting now");
-                std::process::exit(1);
+                // The shell's convention for "killed by signal N": 143, 130.
+                let code = 128 + number;
+                warn!(
+                    signal = name,
+                    exit_code = code,
+                    "second signal: exiting now"
+                );
+                std::process::exit(code);
             }
         }
     });

@@ -22,9 +22,11 @@ pub enum DemoError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error("cannot install the signal handlers")]
+    Signals(#[source] std::io::Error),
 }
 
-/// Runs until Ctrl-C.
+/// Runs until Ctrl-C or SIGTERM (with the sidecar's own shutdown sequence).
 pub async fn run(proxy_port: u16, admin_port: u16) -> Result<(), DemoError> {
     let world = World::new(DEMO_TOKEN_LIFETIME_SECS);
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -68,15 +70,11 @@ params_in = "query"
         "\ntoken-sidecar demo: stand-in token endpoint {} and backoffice API {} on loopback;\n\
          tokens live {DEMO_TOKEN_LIFETIME_SECS} s, so a refresh shows in the log within a minute.\n\n\
          Try:\n  curl -s http://{proxy}/backoffice/api/merchants?limit=5\n  curl -s http://{admin}/status\n\n\
-         (also http://{admin}/metrics and /readyz). Ctrl-C stops.\n",
+         (also http://{admin}/metrics and /readyz). Ctrl-C or SIGTERM stops.\n",
         auth.url("/paymentiq/oauth/token"),
         api.url("/paymentiq/"),
     );
-    let lifecycle = running.lifecycle.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        lifecycle.begin_shutdown("Ctrl-C");
-    });
+    app::install_signal_handlers(running.lifecycle.clone()).map_err(DemoError::Signals)?;
     running.run_until_shutdown().await;
     drop((auth, api));
     Ok(())

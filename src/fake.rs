@@ -147,6 +147,12 @@ impl World {
         self.with(|w| w.access.values_mut().for_each(|t| t.revoked = true));
     }
 
+    /// Every access and refresh token issued so far (the leak test looks for
+    /// them in the sidecar's output).
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.with(|w| w.access.keys().chain(w.refresh.keys()).cloned().collect())
+    }
+
     /// Revokes every refresh token issued so far.
     pub fn revoke_refresh_tokens(&self) {
         self.with(|w| w.refresh.values_mut().for_each(|t| t.revoked = true));

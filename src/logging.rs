@@ -35,6 +35,8 @@ pub fn init(cfg: &LogConfig) {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(&cfg.level))
+        // Colour codes only for a person at a terminal, never in a log file.
+        .with_ansi(std::io::stdout().is_terminal())
         .with_writer(std::io::stdout);
     let _ = if json {
         builder

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             if !live {
                 return ExitCode::from(check::EXIT_OK as u8);
             }
-            let (line, code) = match runtime(1) {
+            let (line, code) = match current_thread_runtime() {
                 Ok(rt) => rt.block_on(check::live(&loaded.config)),
                 Err(e) => (format!("live check failed: {e:#}"), check::EXIT_LIVE_FAILED),
             };
@@ -109,16 +109,23 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Worker threads: the configured number, else what the CPU quota allows
-/// (`available_parallelism` reads the cgroup quota, not only the host's cores).
-fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    let workers = if workers > 0 {
-        workers
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    };
+/// The runtime of a running sidecar: [`app::worker_threads`] workers, named
+/// [`app::WORKER_THREAD_NAME`] so `top -H` and `/proc/PID/task/*/comm` show
+/// which threads are ours.
+fn runtime(configured: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let (workers, source) = app::worker_threads(configured);
+    tracing::info!(worker_threads = workers, source, "starting the runtime");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
+        .thread_name(app::WORKER_THREAD_NAME)
+        .enable_all()
+        .build()
+        .context("cannot build the tokio runtime")
+}
+
+/// `check --live` makes one request: one thread is plenty.
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot build the tokio runtime")

@@ -554,9 +554,32 @@ impl<'a> Reader<'a> {
         Some(url)
     }
 
+    /// A secret's text. Unlike [`Reader::string`], a value of the wrong type
+    /// is reported without quoting it: serde's message would print an
+    /// unquoted numeric password (`password = 20240101`) in full. The empty
+    /// string stands in, so the key is not also reported as missing.
+    fn secret_string(&mut self, key: &'static str) -> Option<String> {
+        let v = self.raw(key)?;
+        if self.is_from_env(key) {
+            if let Ok(s) = std::env::var(env_name(key)) {
+                return Some(s);
+            }
+        }
+        match v {
+            Value::String(_, s) => Some(s),
+            _ => {
+                self.problem(
+                    key,
+                    "must be a string (put the value in quotes); the value is not shown since it is a secret",
+                );
+                Some(String::new())
+            }
+        }
+    }
+
     /// Exactly one of `inline_key` and `file_key`.
     fn secret(&mut self, inline_key: &'static str, file_key: &'static str) -> SecretSource {
-        let inline = self.string(inline_key);
+        let inline = self.secret_string(inline_key);
         let file = self.string(file_key);
         match (inline, file) {
             (Some(_), Some(_)) => {
@@ -818,6 +841,15 @@ password = "p"
             .merge(Serialized::default("oauth.timeout", "3s"));
         let c = load_figment(fig).unwrap().config;
         assert_eq!(c.oauth.timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_reported_without_its_value() {
+        let s = base().replace("password = \"p\"", "password = 8675309123");
+        let e = load_str(&s).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        assert_eq!(e.problems[0].key, "oauth.password");
+        assert!(!e.to_string().contains("8675309123"), "{e}");
     }
 
     #[test]

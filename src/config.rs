@@ -242,6 +242,21 @@ pub fn figment(path: &Path) -> Figment {
 
 /// Validates a figment (the file plus environment, or anything a test builds).
 pub fn load_figment(fig: Figment) -> Result<Loaded, ConfigError> {
+    // A provider that failed (a TOML syntax error) makes every key look
+    // unset: report the failure itself, not a list of "is required".
+    if let Err(e) = figment::Provider::data(&fig) {
+        return Err(ConfigError {
+            problems: vec![Problem {
+                key: "(file)".into(),
+                source: e
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.source.as_ref())
+                    .map_or_else(|| "TOML file".into(), |s| s.to_string()),
+                message: without_source_lines(&e.kind.to_string()),
+            }],
+        });
+    }
     let mut r = Reader::new(&fig);
 
     // Defaults stand next to the key they belong to; README and config.toml
@@ -333,6 +348,24 @@ pub fn load_figment(fig: Figment) -> Result<Loaded, ConfigError> {
             problems: r.problems,
         })
     }
+}
+
+/// A TOML parse error without the quoted source line (`2 | password = "...`),
+/// which would print whatever secret stands on the broken line:
+/// `TOML parse error at line 2, column 23: invalid basic string`.
+fn without_source_lines(message: &str) -> String {
+    message
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            !l.is_empty()
+                && !l
+                    .trim_start_matches(|c: char| c.is_ascii_digit())
+                    .trim_start()
+                    .starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn placeholder_url() -> Url {
@@ -850,6 +883,19 @@ password = "p"
         assert_eq!(e.problems.len(), 1, "{e}");
         assert_eq!(e.problems[0].key, "oauth.password");
         assert!(!e.to_string().contains("8675309123"), "{e}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_is_reported_as_such_without_the_line() {
+        let e = load_str("[oauth]\npassword = \"Secret-Val\n").unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        let m = &e.problems[0].message;
+        assert!(
+            m.starts_with("TOML parse error at line 2, column 23"),
+            "{m}"
+        );
+        assert!(m.contains("invalid basic string"), "{m}");
+        assert!(!m.contains("Secret-Val"), "{m}");
     }
 
     #[test]

@@ -1,8 +1,15 @@
 //! Log set-up: JSON or text, `log.level` or `RUST_LOG` filters.
 //!
-//! `reqwest` is capped at `info` whatever the filter says: at `debug` it logs
-//! the token request URL, which holds the password when
-//! `oauth.params_in = "query"`.
+//! `reqwest` is capped at `info` whatever the filter says. Its connection
+//! logger (`reqwest::connect::verbose`, trace) writes every byte of the token
+//! exchange, so the Basic credentials, the password (in the URL when
+//! `oauth.params_in = "query"`) and the issued tokens; it is off unless
+//! `ClientBuilder::connection_verbose` is set, and the cap keeps it so
+//! whatever `RUST_LOG` says. The other dependencies that log at trace are
+//! safe as they stand (the leak test runs the whole sidecar at trace): the
+//! hyper-util client logs hosts and ports only, h2's frame `Debug` omits
+//! header fields, and hyper 1 logs nothing without its unstable `tracing`
+//! feature.
 
 use std::io::IsTerminal;
 

@@ -97,13 +97,17 @@ pub const DESCRIPTION_MAX_CHARS: usize = 200;
 /// Makes server-supplied text safe to log.
 ///
 /// Servers echo tokens (and sometimes the submitted credentials) in
-/// `error_description`, so every run of [`REDACT_MIN_RUN`] or more token-like
-/// characters is replaced, every `known` secret is replaced wherever it
-/// stands, and the result is cut to [`DESCRIPTION_MAX_CHARS`].
+/// `error_description`, raw or in the encoding they received them in, so
+/// every `known` secret is replaced wherever it stands, raw, percent-encoded
+/// or base64-encoded; every run of [`REDACT_MIN_RUN`] or more token-like
+/// characters (percent-escapes included) is replaced; and the result is cut
+/// to [`DESCRIPTION_MAX_CHARS`].
 pub fn redact_text(text: &str, known: &[&str]) -> String {
     let mut out = text.to_owned();
     for secret in known.iter().filter(|s| s.len() >= 3) {
-        out = out.replace(secret, "[redacted]");
+        for form in encoded_forms(secret) {
+            out = out.replace(&form, "[redacted]");
+        }
     }
     let mut result = String::with_capacity(out.len());
     let mut run = String::new();
@@ -116,7 +120,7 @@ pub fn redact_text(text: &str, known: &[&str]) -> String {
         run.clear();
     };
     for c in out.chars() {
-        if c.is_ascii_alphanumeric() || "-._~+/=".contains(c) {
+        if c.is_ascii_alphanumeric() || "-._~+/=%".contains(c) {
             run.push(c);
         } else {
             flush(&mut run, &mut result);
@@ -133,6 +137,28 @@ pub fn redact_text(text: &str, known: &[&str]) -> String {
     result
 }
 
+/// A secret as it may travel: raw, in a query or form (`+` for space, or
+/// `%20`), and in base64 (standard or URL-safe, padded or not).
+fn encoded_forms(secret: &str) -> Vec<String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine;
+    let b = secret.as_bytes();
+    let mut forms = vec![
+        secret.to_owned(),
+        url::form_urlencoded::byte_serialize(b).collect(),
+        percent_encoding::utf8_percent_encode(secret, percent_encoding::NON_ALPHANUMERIC)
+            .to_string(),
+        STANDARD.encode(b),
+        STANDARD_NO_PAD.encode(b),
+        URL_SAFE.encode(b),
+        URL_SAFE_NO_PAD.encode(b),
+    ];
+    // Longest first, so a padded form is not left with a stray `=`.
+    forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+    forms.dedup();
+    forms
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +171,17 @@ mod tests {
         let s = redact_text("Bad credentials for p&ss w0rd", &["p&ss w0rd"]);
         assert_eq!(s, "Bad credentials for [redacted]");
         assert_eq!(redact_text("Bad credentials", &[]), "Bad credentials");
+    }
+
+    #[test]
+    fn redacts_encoded_forms_of_known_secrets() {
+        let pw = "p w&d";
+        for echoed in ["p+w%26d", "p%20w%26d", "cCB3JmQ=", "cCB3JmQ"] {
+            let s = redact_text(&format!("Bad credentials: {echoed}!"), &[pw]);
+            assert_eq!(s, "Bad credentials: [redacted]!", "{echoed}");
+        }
+        let s = redact_text("got Pw%7E9d%40X%20p%26q%3Dr%2Bs%2Ft here", &[]);
+        assert_eq!(s, "got [redacted] here");
     }
 
     #[test]

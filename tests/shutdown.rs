@@ -318,3 +318,63 @@ async fn healthz_is_unconditional_and_readyz_waits_for_a_token() {
     assert_eq!(body["reason"], "no_token_yet");
     assert_eq!(body["last_error"], "invalid_grant");
 }
+
+/// Names of the process's threads, from `/proc/PID/task/*/comm`.
+fn thread_names(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_runtime_runs_the_configured_number_of_named_worker_threads() {
+    let world = World::new(300.0);
+    let auth = fake::token_endpoint(world.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let toml = support::base_toml(&world, &auth.url("/oauth/token"), "http://127.0.0.1:9/")
+        .replace("format = \"text\"", "format = \"json\"");
+
+    let mut p = Process::run_config(&format!("{toml}\n[runtime]\nworker_threads = 3\n"), |_| {});
+    let started = p.wait_event(LIMIT, "starting the runtime").await;
+    assert_eq!(started["worker_threads"], 3);
+    assert_eq!(started["source"], "runtime.worker_threads");
+    p.wait_event(LIMIT, "token obtained").await;
+    let names = thread_names(p.pid());
+    let workers = names.iter().filter(|n| *n == "sidecar-worker").count();
+    assert_eq!(workers, 3, "{names:?}");
+    assert!(
+        names.contains(&"token-sidecar".to_owned()),
+        "main thread: {names:?}"
+    );
+
+    // Default: what the CPU quota and affinity allow. Pinned to one CPU, one.
+    let mut cmd = sidecar_process::command();
+    let (_dir, path) = sidecar_process::write_config(&toml);
+    cmd.arg("--config").arg(&path);
+    // SAFETY: sched_setaffinity is a plain system call, safe between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut p = Process::spawn(cmd);
+    let started = p.wait_event(LIMIT, "starting the runtime").await;
+    assert_eq!(started["worker_threads"], 1, "{started}");
+    assert_eq!(started["source"], "cpu quota and affinity");
+    p.wait_event(LIMIT, "token obtained").await;
+    let names = thread_names(p.pid());
+    assert_eq!(
+        names.iter().filter(|n| *n == "sidecar-worker").count(),
+        1,
+        "{names:?}"
+    );
+}

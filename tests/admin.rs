@@ -1,0 +1,319 @@
+//! The admin listener over real HTTP: every metric the README documents, with
+//! its type and labels, moving with what happens; the probes; `/status`;
+//! `POST /admin/refresh`; the answers to wrong paths and methods.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use support::{metric, Harness};
+
+/// One metric family of a text exposition page.
+#[derive(Debug, Default)]
+struct Family {
+    kind: String,
+    help: bool,
+    /// Label names of each sample (without `le` of histogram buckets).
+    label_sets: BTreeSet<Vec<String>>,
+    /// Label values of each sample, as `k=v` lists.
+    series: BTreeSet<Vec<String>>,
+}
+
+/// A small parser of the Prometheus text format, enough to check names,
+/// types and labels (promtool checks the syntax in CI).
+fn parse(text: &str) -> BTreeMap<String, Family> {
+    let mut families: BTreeMap<String, Family> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            families.entry(name.into()).or_default().kind = kind.into();
+        } else if let Some(rest) = line.strip_prefix("# HELP ") {
+            let name = rest.split(' ').next().unwrap();
+            families.entry(name.into()).or_default().help = true;
+        } else if !line.is_empty() && !line.starts_with('#') {
+            let (series, _value) = line.rsplit_once(' ').expect("sample value");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, l)) => (n, l.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|base| families.get(*base).is_some_and(|f| f.kind == "histogram"))
+                .unwrap_or(name);
+            let pairs: Vec<String> = labels
+                .split(',')
+                .filter(|p| !p.is_empty() && !p.starts_with("le="))
+                .map(|p| p.replace('"', ""))
+                .collect();
+            let names = pairs
+                .iter()
+                .map(|p| p.split('=').next().unwrap().to_owned())
+                .collect();
+            let f = families
+                .get_mut(family)
+                .unwrap_or_else(|| panic!("sample {name} before its TYPE line"));
+            f.label_sets.insert(names);
+            f.series.insert(pairs);
+        }
+    }
+    families
+}
+
+async fn scrape(h: &Harness) -> String {
+    let r = support::client()
+        .get(h.admin_url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    r.text().await.unwrap()
+}
+
+fn series(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn every_documented_metric_exists_with_its_type_and_labels() {
+    let h = Harness::start(300.0, "[proxy]\nallow_paths = [\"/api/\"]").await;
+    h.ready().await;
+    let c = support::client();
+    assert_eq!(c.get(h.url("/api/a")).send().await.unwrap().status(), 200);
+    h.world.revoke_access_tokens();
+    assert_eq!(c.get(h.url("/api/b")).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(h.url("/other")).send().await.unwrap().status(), 403);
+
+    let text = scrape(&h).await;
+    let families = parse(&text);
+    let expected: &[(&str, &str, &[&str])] = &[
+        (
+            "token_sidecar_token_requests_total",
+            "counter",
+            &["grant", "outcome"],
+        ),
+        (
+            "token_sidecar_token_request_duration_seconds",
+            "histogram",
+            &[],
+        ),
+        ("token_sidecar_token_expiry_timestamp_seconds", "gauge", &[]),
+        ("token_sidecar_token_generation", "gauge", &[]),
+        ("token_sidecar_token_valid", "gauge", &[]),
+        (
+            "token_sidecar_proxy_requests_total",
+            "counter",
+            &["status_class"],
+        ),
+        ("token_sidecar_local_responses_total", "counter", &["error"]),
+        (
+            "token_sidecar_proxy_request_duration_seconds",
+            "histogram",
+            &[],
+        ),
+        (
+            "token_sidecar_upstream_retries_total",
+            "counter",
+            &["reason"],
+        ),
+        ("token_sidecar_proxy_inflight_requests", "gauge", &[]),
+        ("token_sidecar_build_info", "gauge", &["version"]),
+    ];
+    for (name, kind, labels) in expected {
+        let f = families
+            .get(*name)
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+        assert_eq!(f.kind, *kind, "{name}");
+        assert!(f.help, "{name} has no HELP");
+        assert_eq!(
+            f.label_sets,
+            BTreeSet::from([series(labels)]),
+            "labels of {name}"
+        );
+    }
+    assert_eq!(
+        families.len(),
+        expected.len(),
+        "undocumented families: {:?}",
+        families.keys().collect::<Vec<_>>()
+    );
+
+    // Every label value an alert or a dashboard needs exists from the start.
+    let token_series = &families["token_sidecar_token_requests_total"].series;
+    for grant in ["password", "refresh_token"] {
+        for outcome in ["success", "rejected", "error"] {
+            assert!(
+                token_series.contains(&series(&[
+                    &format!("grant={grant}"),
+                    &format!("outcome={outcome}")
+                ])),
+                "{grant}/{outcome}"
+            );
+        }
+    }
+    for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+        assert!(families["token_sidecar_proxy_requests_total"]
+            .series
+            .contains(&series(&[&format!("status_class={class}")])));
+    }
+    for code in token_sidecar::metrics::LOCAL_ERRORS {
+        assert!(families["token_sidecar_local_responses_total"]
+            .series
+            .contains(&series(&[&format!("error={code}")])));
+    }
+
+    // And the values follow what happened: a password grant, a 401 replay
+    // (a second password grant, see token::refresher), two answers from the
+    // upstream and one from the sidecar.
+    let m = |s: &str| metric(&text, s).unwrap_or_else(|| panic!("{s} in\n{text}"));
+    assert_eq!(
+        m(r#"token_sidecar_token_requests_total{grant="password",outcome="success"}"#),
+        2.0
+    );
+    assert_eq!(m("token_sidecar_token_request_duration_seconds_count"), 2.0);
+    assert_eq!(m("token_sidecar_token_generation"), 2.0);
+    assert_eq!(m("token_sidecar_token_valid"), 1.0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let expiry = m("token_sidecar_token_expiry_timestamp_seconds");
+    assert!(
+        (now + 290.0..now + 301.0).contains(&expiry),
+        "{expiry} vs {now}"
+    );
+    assert_eq!(
+        m(r#"token_sidecar_proxy_requests_total{status_class="2xx"}"#),
+        2.0
+    );
+    assert_eq!(
+        m(r#"token_sidecar_local_responses_total{error="path_not_allowed"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"token_sidecar_upstream_retries_total{reason="401"}"#),
+        1.0
+    );
+    assert_eq!(m("token_sidecar_proxy_request_duration_seconds_count"), 3.0);
+    assert_eq!(m("token_sidecar_proxy_inflight_requests"), 0.0);
+    assert_eq!(
+        m(&format!(
+            r#"token_sidecar_build_info{{version="{}"}}"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn probes_status_and_forced_refresh() {
+    let h = Harness::start(300.0, "").await;
+    h.ready().await;
+    let c = support::client();
+    let get = |p: &str| c.get(h.admin_url(p)).send();
+
+    let r = get("/healthz").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok\n");
+    let r = c.head(h.admin_url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = get("/readyz").await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let s: serde_json::Value = get("/status").await.unwrap().json().await.unwrap();
+    assert_eq!(s["valid"], true);
+    assert_eq!(s["draining"], false);
+    assert_eq!(s["generation"], 1);
+    assert_eq!(s["grant"], "password");
+    assert_eq!(s["last_outcome"], "success");
+    assert!(s["seconds_left"].as_u64().unwrap() > 290, "{s}");
+
+    // A forced refresh uses the refresh token and reports what it did.
+    let r = c.post(h.admin_url("/admin/refresh")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let report: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(report["grant"], "refresh_token");
+    assert_eq!(report["outcome"], "success");
+    assert_eq!(report["generation"], 2);
+    assert_eq!(report["expires_in_secs"], 300);
+    assert_eq!(h.world.with(|w| w.refresh_grants), 1);
+    let text = scrape(&h).await;
+    assert_eq!(
+        metric(
+            &text,
+            r#"token_sidecar_token_requests_total{grant="refresh_token",outcome="success"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(metric(&text, "token_sidecar_token_generation"), Some(2.0));
+
+    let r = get("/nope").await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = get("/admin/refresh").await.unwrap();
+    assert_eq!(r.status(), 405);
+    let r = c.post(h.admin_url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+}
+
+#[tokio::test]
+async fn a_lost_token_shows_in_readyz_status_and_metrics() {
+    // 2 s tokens refresh at 1 s; the refresh and then the password are refused.
+    let h = Harness::start(2.0, "").await;
+    h.ready().await;
+    h.world.revoke_refresh_tokens();
+    h.world.with(|w| w.password = "changed".into());
+    let c = support::client();
+    support::eventually(Duration::from_secs(10), "/readyz 503", || async {
+        c.get(h.admin_url("/readyz")).send().await.unwrap().status() == 503
+    })
+    .await;
+    let r: serde_json::Value = c
+        .get(h.admin_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["reason"], "token_expired");
+    assert_eq!(r["last_error"], "invalid_grant");
+    assert!(r["retry_after_secs"].as_u64().unwrap() >= 1);
+
+    let s: serde_json::Value = c
+        .get(h.admin_url("/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(s["valid"], false);
+    assert_eq!(s["last_grant"], "password");
+    assert_eq!(s["last_outcome"], "rejected");
+    assert!(s["consecutive_failures"].as_u64().unwrap() >= 2, "{s}");
+
+    let r = c.get(h.url("/api/x")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+
+    let text = scrape(&h).await;
+    let m = |s: &str| metric(&text, s).unwrap_or_else(|| panic!("{s} in\n{text}"));
+    assert_eq!(m("token_sidecar_token_valid"), 0.0);
+    assert_eq!(
+        m(r#"token_sidecar_token_requests_total{grant="refresh_token",outcome="rejected"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"token_sidecar_token_requests_total{grant="password",outcome="rejected"}"#),
+        1.0
+    );
+    assert_eq!(
+        m(r#"token_sidecar_local_responses_total{error="token_unavailable"}"#),
+        1.0
+    );
+}

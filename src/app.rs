@@ -76,15 +76,30 @@ pub struct Running {
 
 /// Starts against the token endpoint the config names.
 pub async fn start(config: &Config) -> Result<Running, StartError> {
+    start_in(config, Arc::new(Lifecycle::new())).await
+}
+
+/// Like [`start`], with a lifecycle made beforehand: the binary installs its
+/// signal handlers on it first, so a SIGTERM that arrives while the sidecar
+/// starts drains it instead of killing it.
+pub async fn start_in(config: &Config, lifecycle: Arc<Lifecycle>) -> Result<Running, StartError> {
     let tls = crate::tls::client_config(config.oauth.ca_file.as_deref())?;
     let endpoint = HttpTokenClient::new(config.oauth.clone(), tls).map_err(StartError::Client)?;
-    start_with(config, endpoint).await
+    start_inner(config, endpoint, lifecycle).await
 }
 
 /// Starts with any token endpoint (tests use in-memory ones).
 pub async fn start_with<E: TokenEndpoint>(
     config: &Config,
     endpoint: E,
+) -> Result<Running, StartError> {
+    start_inner(config, endpoint, Arc::new(Lifecycle::new())).await
+}
+
+async fn start_inner<E: TokenEndpoint>(
+    config: &Config,
+    endpoint: E,
+    lifecycle: Arc<Lifecycle>,
 ) -> Result<Running, StartError> {
     // Bind first: a port in use must fail start-up before any token request.
     let mut proxy_listeners = Vec::new();
@@ -130,7 +145,6 @@ pub async fn start_with<E: TokenEndpoint>(
         ],
     };
     let (token, refresher) = refresher::spawn(endpoint, settings, metrics.clone(), fastrand::f64);
-    let lifecycle = Arc::new(Lifecycle::new());
 
     let upstream_tls = crate::tls::client_config(config.proxy.ca_file.as_deref())?;
     let proxy = Arc::new(

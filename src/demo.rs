@@ -63,7 +63,9 @@ params_in = "query"
         token_url = auth.url("/paymentiq/oauth/token"),
     );
     let loaded = config::load_figment(Figment::new().merge(Toml::string(&toml)))?;
-    let running = app::start(&loaded.config).await?;
+    let lifecycle = std::sync::Arc::new(crate::lifecycle::Lifecycle::new());
+    app::install_signal_handlers(lifecycle.clone()).map_err(DemoError::Signals)?;
+    let running = app::start_in(&loaded.config, lifecycle).await?;
     let proxy = running.proxy_addrs[0];
     let admin = running.admin_addr;
     println!(
@@ -74,7 +76,6 @@ params_in = "query"
         auth.url("/paymentiq/oauth/token"),
         api.url("/paymentiq/"),
     );
-    app::install_signal_handlers(running.lifecycle.clone()).map_err(DemoError::Signals)?;
     running.run_until_shutdown().await;
     drop((auth, api));
     Ok(())

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use token_sidecar::{app, check, config, demo, logging};
+use token_sidecar::{app, check, config, demo, lifecycle, logging};
 
 /// Holds an OAuth2 bearer token and injects it into a legacy app's calls to a backoffice API.
 #[derive(Parser)]
@@ -102,9 +102,12 @@ fn load(path: &std::path::Path) -> Result<config::Loaded, ExitCode> {
 }
 
 async fn run(config: config::Config) -> anyhow::Result<()> {
-    let running = app::start(&config).await.context("cannot start")?;
-    app::install_signal_handlers(running.lifecycle.clone())
-        .context("cannot install signal handlers")?;
+    // Handlers first: a signal during start-up then drains rather than kills.
+    let lifecycle = std::sync::Arc::new(lifecycle::Lifecycle::new());
+    app::install_signal_handlers(lifecycle.clone()).context("cannot install signal handlers")?;
+    let running = app::start_in(&config, lifecycle)
+        .await
+        .context("cannot start")?;
     running.run_until_shutdown().await;
     Ok(())
 }

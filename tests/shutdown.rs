@@ -308,15 +308,20 @@ async fn healthz_is_unconditional_and_readyz_waits_for_a_token() {
         .await
         .unwrap();
     assert_eq!(h.status(), StatusCode::OK);
-    let r = c
-        .get(format!("http://{admin}/readyz"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert_eq!(body["reason"], "no_token_yet");
-    assert_eq!(body["last_error"], "invalid_grant");
+    // The status snapshot follows the log line by a moment: await it.
+    support::eventually(LIMIT, "/readyz 503 no_token_yet invalid_grant", || async {
+        let r = c
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["reason"], "no_token_yet");
+        body["last_error"] == "invalid_grant"
+    })
+    .await;
 }
 
 /// Names of the process's threads, from `/proc/PID/task/*/comm`.

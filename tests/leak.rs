@@ -36,9 +36,10 @@ const CLIENT_SECRET: &str = "CSx7f3a!Kq9 z&v=Wm%2B+x/Lh:QzMARKcs";
 const PASSWORD: &str = "Pw~9d@X p&q=r+s/t%u:MmZy#QzMARKpw";
 const USERNAME: &str = "leak-check-user";
 
-/// The fakes with our secrets; tokens live 2 s so a refresh comes at 1 s.
+/// The fakes with our secrets; tokens live 1 s so a refresh comes at 0.5 s
+/// (with `refresh.min_interval` lowered to allow it).
 async fn world() -> (Arc<World>, FakeServer, FakeServer) {
-    let world = World::new(2.0);
+    let world = World::new(1.0);
     world.with(|w| {
         w.client_id = CLIENT_ID.into();
         w.client_secret = CLIENT_SECRET.into();
@@ -61,6 +62,7 @@ fn toml(world: &World, auth: &FakeServer, api: &FakeServer, oauth_extra: &str) -
             "[proxy]",
             "[proxy]\nallow_paths = [\"/api/\"]\ntoken_wait = \"1s\"",
         )
+        + "[refresh]\nmin_interval = \"100ms\"\n"
 }
 
 /// What the sidecar produced, to be searched.
@@ -165,7 +167,7 @@ async fn trace_run(oauth_extra: &str) -> (Process, Haystacks, Vec<String>) {
     let c = support::client();
     use reqwest::Method as M;
 
-    // Token cycle and a refresh (2 s tokens refresh at 1 s).
+    // Token cycle and a refresh (1 s tokens refresh at 0.5 s).
     p.wait_event(LIMIT, "token obtained").await;
     p.wait_event(LIMIT, "token refreshed").await;
     world.with(|w| w.expires_in = 300.0);
@@ -222,7 +224,7 @@ async fn trace_run(oauth_extra: &str) -> (Process, Haystacks, Vec<String>) {
 
     // A short token, then refresh refused and password refused: the fake's
     // refresh refusal quotes the refresh token in error_description.
-    world.with(|w| w.expires_in = 2.0);
+    world.with(|w| w.expires_in = 1.0);
     let (s, _) = hay.fetch(M::POST, &admin_url("/admin/refresh")).await;
     assert_eq!(s, 200);
     world.revoke_refresh_tokens();
@@ -391,7 +393,7 @@ async fn the_token_lifecycle_is_logged_at_info_and_failures_with_the_oauth_error
     let o = obtained[0];
     assert_eq!(
         (&o["level"], &o["grant"], &o["generation"], &o["expires_in"]),
-        (&"INFO".into(), &"password".into(), &1.into(), &2.into()),
+        (&"INFO".into(), &"password".into(), &1.into(), &1.into()),
         "{o}"
     );
     let refreshed = events(&lines, "token refreshed");

@@ -222,7 +222,7 @@ impl Proxy {
                 }
             }
         }
-        Ok(self.respond(resp, client_upgrade, client_host))
+        Ok(self.respond(resp, client_upgrade, client_host, ex))
     }
 
     /// Whether a 401 says our token is bad, per `proxy.retry_on_401`.
@@ -269,6 +269,7 @@ impl Proxy {
         mut resp: Response<Incoming>,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         client_host: Option<HeaderValue>,
+        ex: &Exchange,
     ) -> Response<ProxyBody> {
         self.metrics.upstream_status(resp.status().as_u16());
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -283,9 +284,11 @@ impl Proxy {
         if parts.headers.contains_key(header::LOCATION)
             || parts.headers.contains_key(header::CONTENT_LOCATION)
         {
+            // The name the client used: `Host`, or HTTP/2's `:authority`.
             let host = client_host
                 .as_ref()
                 .and_then(|h| h.to_str().ok())
+                .or_else(|| ex.uri.authority().map(|a| a.as_str()))
                 .map(str::to_owned)
                 .or_else(|| self.cfg.listen.first().map(|a| a.to_string()))
                 .unwrap_or_else(|| "localhost".into());

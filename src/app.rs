@@ -56,8 +56,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot build the token endpoint client")]
     Client(#[source] reqwest::Error),
-    #[error("invalid upstream URL")]
-    Upstream(#[source] http::Error),
+    #[error("cannot set up the upstream client")]
+    Upstream(#[source] crate::proxy::BuildError),
 }
 
 /// A running sidecar.

@@ -48,21 +48,45 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Tls
 }
 
 /// Whether an error chain has a TLS failure in it (for a 502 that says TLS).
+///
+/// `io::Error::source` skips the error an `io::Error` wraps (it returns that
+/// error's own source), and hyper-rustls wraps tokio-rustls's `io::Error`
+/// around the `rustls::Error` in another `io::Error`; so an `io::Error` is
+/// followed through [`std::io::Error::get_ref`] instead.
 pub fn is_tls_error(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if err.is::<rustls::Error>() {
             return true;
         }
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io
+        cur = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io
                 .get_ref()
-                .is_some_and(|inner| inner.is::<rustls::Error>())
-            {
-                return true;
-            }
-        }
-        cur = err.source();
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("connect failed")]
+    struct Outer(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+    #[test]
+    fn finds_rustls_errors_inside_nested_io_errors() {
+        let rustls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let inner = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls);
+        let outer = Outer(Box::new(std::io::Error::other(inner)));
+        assert!(is_tls_error(&outer));
+
+        let refused = Outer(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert!(!is_tls_error(&refused));
+    }
 }

@@ -8,6 +8,7 @@
 //! replayed once from the bounded copy its body kept while streaming.
 
 pub mod body;
+pub mod egress;
 pub mod error;
 pub mod headers;
 pub mod path;
@@ -22,9 +23,10 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{ProxyConfig, RetryOn401};
 use crate::metrics::Metrics;
@@ -33,7 +35,16 @@ use body::{Direction, Exchange, ProxyBody};
 pub use error::ProxyError;
 use headers::X_REQUEST_ID;
 
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, ProxyBody>;
+type UpstreamClient = Client<HttpsConnector<egress::Connector>, ProxyBody>;
+
+/// Why the proxy cannot be built from its config and environment.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid upstream URL")]
+    Upstream(#[source] http::Error),
+    #[error(transparent)]
+    Egress(#[from] egress::EgressError),
+}
 
 /// Everything a request needs, built once at start.
 pub struct Proxy {
@@ -49,6 +60,8 @@ pub struct Proxy {
     /// Upstream base URL as text (`https://host/base/`) and its path (`/base/`).
     base_url: String,
     base_path: String,
+    /// `Proxy-Authorization` for a forwarding egress proxy with credentials.
+    egress_auth: Option<HeaderValue>,
 }
 
 impl Proxy {
@@ -57,15 +70,28 @@ impl Proxy {
         token: Arc<TokenHandle>,
         metrics: Arc<Metrics>,
         tls: rustls::ClientConfig,
-    ) -> Result<Self, http::Error> {
-        let upstream: Uri = cfg.upstream.as_str().parse()?;
+    ) -> Result<Self, BuildError> {
+        let upstream: Uri = cfg
+            .upstream
+            .as_str()
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| BuildError::Upstream(e.into()))?;
         let scheme = upstream.scheme().cloned().unwrap_or(Scheme::HTTPS);
         let authority = upstream
             .authority()
             .cloned()
             .unwrap_or_else(|| Authority::from_static("invalid"));
-        let client = build_client(&cfg, tls.clone(), true);
-        let upgrade_client = build_client(&cfg, tls, false);
+        // The same environment variables, read by the same parser, as reqwest.
+        let route = egress::route(&Matcher::from_env(), &upstream)?;
+        if let Some(proxy) = route.proxy() {
+            info!(egress_proxy = %proxy, "upstream requests go through an egress proxy (from the environment)");
+        }
+        let egress_auth = match &route {
+            egress::Route::Forward { auth, .. } => auth.clone(),
+            _ => None,
+        };
+        let client = build_client(&cfg, &route, tls.clone(), true);
+        let upgrade_client = build_client(&cfg, &route, tls, false);
         Ok(Proxy {
             base_url: cfg.upstream.as_str().to_owned(),
             base_path: cfg.upstream.path().to_owned(),
@@ -76,6 +102,7 @@ impl Proxy {
             upgrade_client,
             scheme,
             authority,
+            egress_auth,
         })
     }
 
@@ -180,6 +207,11 @@ impl Proxy {
             .then_some((peer_ip.as_str(), "http"));
         headers::rewrite_request(&mut parts.headers, bearer, upgrade, forwarded);
         parts.headers.insert(&X_REQUEST_ID, ex.request_id.clone());
+        if let Some(auth) = &self.egress_auth {
+            parts
+                .headers
+                .insert(header::PROXY_AUTHORIZATION, auth.clone());
+        }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
 
@@ -317,19 +349,25 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-fn build_client(cfg: &ProxyConfig, tls: rustls::ClientConfig, allow_h2: bool) -> UpstreamClient {
+fn build_client(
+    cfg: &ProxyConfig,
+    route: &egress::Route,
+    tls: rustls::ClientConfig,
+    allow_h2: bool,
+) -> UpstreamClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_keepalive(Some(std::time::Duration::from_secs(60)));
+    let tcp = egress::Connector::new(route, http);
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
     let connector = if allow_h2 {
-        builder.enable_http1().enable_http2().wrap_connector(http)
+        builder.enable_http1().enable_http2().wrap_connector(tcp)
     } else {
-        builder.enable_http1().wrap_connector(http)
+        builder.enable_http1().wrap_connector(tcp)
     };
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(cfg.pool_idle_timeout)

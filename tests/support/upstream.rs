@@ -111,7 +111,7 @@ impl Body for TestBody {
     }
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>;
+pub type BoxFuture = Pin<Box<dyn Future<Output = Response<TestBody>> + Send>>;
 type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFuture + Send + Sync>;
 
 /// A scriptable upstream on `127.0.0.1:0`; stops when dropped.

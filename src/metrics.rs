@@ -21,6 +21,7 @@ pub const LOCAL_ERRORS: &[&str] = &[
     "token_unavailable",
     "upstream_unavailable",
     "upstream_timeout",
+    "request_timeout",
     "bad_request",
     "method_not_allowed",
     "path_not_allowed",

@@ -18,6 +18,12 @@ pub enum ProxyError {
     UpstreamTls(#[source] hyper_util::client::legacy::Error),
     #[error("the upstream did not send response headers within proxy.request_timeout")]
     UpstreamTimeout,
+    /// The client stopped sending its request body for `proxy.body_idle_timeout`.
+    #[error("the request body stalled for longer than proxy.body_idle_timeout")]
+    ClientBodyTimeout,
+    /// The client's request body broke off or was malformed.
+    #[error("the request body could not be read")]
+    ClientBody(#[source] hyper_util::client::legacy::Error),
     #[error("{0}")]
     BadRequest(&'static str),
     #[error("method not allowed through this proxy")]
@@ -35,7 +41,8 @@ impl ProxyError {
                 "upstream_unavailable"
             }
             ProxyError::UpstreamTimeout => "upstream_timeout",
-            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::ClientBodyTimeout => "request_timeout",
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => "bad_request",
             ProxyError::MethodNotAllowed => "method_not_allowed",
             ProxyError::PathNotAllowed => "path_not_allowed",
         }
@@ -48,7 +55,8 @@ impl ProxyError {
                 StatusCode::BAD_GATEWAY
             }
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::PathNotAllowed => StatusCode::FORBIDDEN,
         }
@@ -64,6 +72,13 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if matches!(
+            self,
+            ProxyError::ClientBodyTimeout | ProxyError::ClientBody(_)
+        ) {
+            // The rest of the request body is still on the connection.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         match self {
             ProxyError::TokenUnavailable { retry_after } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));

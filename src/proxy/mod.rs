@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::config::{ProxyConfig, RetryOn401};
 use crate::metrics::Metrics;
 use crate::token::TokenHandle;
-use body::{Direction, Exchange, ProxyBody};
+use body::{BodyError, Direction, Exchange, ProxyBody};
 pub use error::ProxyError;
 use headers::X_REQUEST_ID;
 
@@ -290,8 +290,12 @@ impl Proxy {
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
             Err(_) => Err(ProxyError::UpstreamTimeout),
-            Ok(Err(e)) if crate::tls::is_tls_error(&e) => Err(ProxyError::UpstreamTls(e)),
-            Ok(Err(e)) => Err(ProxyError::UpstreamUnavailable(e)),
+            Ok(Err(e)) => Err(match client_body_error(&e) {
+                Some(BodyError::Idle(_)) => ProxyError::ClientBodyTimeout,
+                Some(BodyError::Stream(_)) => ProxyError::ClientBody(e),
+                None if crate::tls::is_tls_error(&e) => ProxyError::UpstreamTls(e),
+                None => ProxyError::UpstreamUnavailable(e),
+            }),
             Ok(Ok(resp)) => Ok(resp),
         }
     }
@@ -374,6 +378,19 @@ fn build_client(
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(connector)
+}
+
+/// The client's request body failure that made sending fail, if that is why
+/// (so a stalled or broken upload is not blamed on the upstream).
+fn client_body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(b) = err.downcast_ref::<BodyError>() {
+            return Some(b);
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// Hosts an absolute-form request target may name: this machine.

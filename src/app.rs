@@ -162,6 +162,7 @@ async fn start_inner<E: TokenEndpoint>(
         idle_timeout: config.proxy.client_idle_timeout,
         max_header_bytes: MAX_HEADER_BYTES,
         http2: true,
+        write_stall_timeout: Some(config.proxy.body_idle_timeout),
     };
     for listener in proxy_listeners {
         let proxy = proxy.clone();
@@ -185,6 +186,7 @@ async fn start_inner<E: TokenEndpoint>(
             idle_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
             http2: false,
+            write_stall_timeout: Some(Duration::from_secs(30)),
         },
         move |req, peer| {
             let admin = admin.clone();

@@ -341,6 +341,7 @@ fn fake_opts() -> ServeOptions {
         idle_timeout: Duration::from_secs(60),
         max_header_bytes: 64 * 1024,
         http2: true,
+        write_stall_timeout: None,
     }
 }
 

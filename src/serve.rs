@@ -20,6 +20,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
+use crate::proxy::stall::StallGuard;
+
 /// Connection settings of one server.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -29,6 +31,9 @@ pub struct ServeOptions {
     /// Largest request head; beyond it the client gets 431.
     pub max_header_bytes: usize,
     pub http2: bool,
+    /// A connection whose client takes no bytes for this long is closed
+    /// (see [`crate::proxy::stall`]); `None` for no limit.
+    pub write_stall_timeout: Option<Duration>,
 }
 
 /// A set of accept loops sharing one stop signal; each loop watches its own
@@ -140,8 +145,9 @@ where
             let fut = handler(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
+        let io = TokioIo::new(StallGuard::new(stream, opts.write_stall_timeout));
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(io, service)
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

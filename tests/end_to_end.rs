@@ -78,6 +78,7 @@ where
             idle_timeout: Duration::from_secs(30),
             max_header_bytes: 16 * 1024,
             http2: false,
+            write_stall_timeout: None,
         },
         handler,
     );

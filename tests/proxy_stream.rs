@@ -409,6 +409,86 @@ async fn body_idle_timeout_ends_a_stalled_upload() {
 }
 
 #[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_the_upstream_released() {
+    let (up, mut senders) = fed_upstream("application/octet-stream").await;
+    let front = Front::start(&up.url("/base/"), r#"proxy.body_idle_timeout = "300ms""#).await;
+    let mut s = TcpStream::connect(front.proxy).await.unwrap();
+    let req = format!("GET /big HTTP/1.1\r\nHost: {}\r\n\r\n", front.proxy);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let tx = senders.recv().await.unwrap();
+    // The upstream offers far more than the socket buffers hold; the client
+    // reads nothing, so the proxy's writes to it stop making progress.
+    let chunk = Bytes::from(vec![b'd'; 256 * 1024]);
+    let pushed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut n = 0;
+        while tx.send(Frame::data(chunk.clone())).await.is_ok() {
+            n += 1;
+            assert!(n < 1024, "256 MiB went into a client that reads nothing");
+        }
+    })
+    .await;
+    assert!(
+        pushed.is_ok(),
+        "the upstream's body is released within 10 s"
+    );
+    // And the client's connection was closed, short of a complete body.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the client's connection is closed");
+    assert!(rest.starts_with(b"HTTP/1.1 200"));
+    assert!(!rest.ends_with(b"0\r\n\r\n"));
+}
+
+#[tokio::test]
+async fn an_upstream_that_stops_reading_an_upload_is_cut_off() {
+    // Reads the request head, then nothing until the test says so; then
+    // reports whether the proxy had closed the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go_tx, go) = tokio::sync::oneshot::channel::<()>();
+    let upstream_side = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let _ = upstream::read_head(&mut s).await;
+        let _ = go.await;
+        let mut sink = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink))
+            .await
+            .is_ok()
+    });
+    let front = Front::start(
+        &format!("http://{addr}/"),
+        r#"proxy.body_idle_timeout = "300ms""#,
+    )
+    .await;
+    let s = TcpStream::connect(front.proxy).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let len = 256u64 * 1024 * 1024;
+    let head = format!(
+        "POST /up HTTP/1.1\r\nHost: {}\r\nContent-Length: {len}\r\n\r\n",
+        front.proxy
+    );
+    let writer = tokio::spawn(async move {
+        w.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b'u'; 256 * 1024];
+        for _ in 0..len / chunk.len() as u64 {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let head = upstream::read_head(&mut r).await;
+    let resp = upstream::parse_response(head.as_bytes());
+    assert_eq!(resp.status, 502, "{head}");
+    writer.abort();
+    go_tx.send(()).unwrap();
+    assert!(
+        upstream_side.await.unwrap(),
+        "the proxy closed the stalled upstream connection"
+    );
+}
+
+#[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed() {
     let (_up, front) = {
         let up = Upstream::ok().await;

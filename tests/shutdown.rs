@@ -42,6 +42,7 @@ async fn slow_upstream() -> SlowUpstream {
         idle_timeout: Duration::from_secs(60),
         max_header_bytes: 64 * 1024,
         http2: false,
+        write_stall_timeout: None,
     };
     server.spawn(listener, opts, move |req: Request<Incoming>, _| {
         let arrived = arrived_tx.clone();

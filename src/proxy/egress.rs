@@ -22,6 +22,7 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{HeaderValue, Uri};
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -30,6 +31,8 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+
+use super::stall::WriteStall;
 
 /// How the upstream is reached.
 #[derive(Debug, Clone)]
@@ -85,29 +88,38 @@ pub fn route(matcher: &Matcher, upstream: &Uri) -> Result<Route, EgressError> {
 
 /// The TCP connector of the upstream client, following a [`Route`]; hyper-rustls
 /// wraps it for TLS.
+/// Its connections fail a write that stays pending for `write_stall`
+/// (see [`super::stall`]).
 #[derive(Clone)]
-pub enum Connector {
+pub struct Connector {
+    kind: Kind,
+    write_stall: Option<Duration>,
+}
+
+#[derive(Clone)]
+enum Kind {
     Direct(HttpConnector),
     Tunnel(Tunnel<HttpConnector>),
     Forward { proxy: Uri, http: HttpConnector },
 }
 
 impl Connector {
-    pub fn new(route: &Route, http: HttpConnector) -> Self {
-        match route {
-            Route::Direct => Connector::Direct(http),
+    pub fn new(route: &Route, http: HttpConnector, write_stall: Option<Duration>) -> Self {
+        let kind = match route {
+            Route::Direct => Kind::Direct(http),
             Route::Tunnel { proxy, auth } => {
                 let tunnel = Tunnel::new(proxy.clone(), http);
-                Connector::Tunnel(match auth {
+                Kind::Tunnel(match auth {
                     Some(a) => tunnel.with_auth(a.clone()),
                     None => tunnel,
                 })
             }
-            Route::Forward { proxy, .. } => Connector::Forward {
+            Route::Forward { proxy, .. } => Kind::Forward {
                 proxy: proxy.clone(),
                 http,
             },
-        }
+        };
+        Connector { kind, write_stall }
     }
 }
 
@@ -119,28 +131,29 @@ impl tower_service::Service<Uri> for Connector {
     type Future = Pin<Box<dyn Future<Output = Result<Conn, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match self {
-            Connector::Direct(http) | Connector::Forward { http, .. } => {
+        match &mut self.kind {
+            Kind::Direct(http) | Kind::Forward { http, .. } => {
                 http.poll_ready(cx).map_err(Into::into)
             }
-            Connector::Tunnel(t) => t.poll_ready(cx).map_err(Into::into),
+            Kind::Tunnel(t) => t.poll_ready(cx).map_err(Into::into),
         }
     }
 
     // One boxed future per new connection, not per request.
     fn call(&mut self, dst: Uri) -> Self::Future {
-        match self {
-            Connector::Direct(http) => {
+        let stall = self.write_stall;
+        match &mut self.kind {
+            Kind::Direct(http) => {
                 let connecting = http.call(dst);
-                Box::pin(async move { Ok(Conn::new(connecting.await?, false)) })
+                Box::pin(async move { Ok(Conn::new(connecting.await?, false, stall)) })
             }
-            Connector::Tunnel(t) => {
+            Kind::Tunnel(t) => {
                 let connecting = t.call(dst);
-                Box::pin(async move { Ok(Conn::new(connecting.await?, false)) })
+                Box::pin(async move { Ok(Conn::new(connecting.await?, false, stall)) })
             }
-            Connector::Forward { proxy, http } => {
+            Kind::Forward { proxy, http } => {
                 let connecting = http.call(proxy.clone());
-                Box::pin(async move { Ok(Conn::new(connecting.await?, true)) })
+                Box::pin(async move { Ok(Conn::new(connecting.await?, true, stall)) })
             }
         }
     }
@@ -151,11 +164,16 @@ impl tower_service::Service<Uri> for Connector {
 pub struct Conn {
     io: TokioIo<TcpStream>,
     proxied: bool,
+    stall: WriteStall,
 }
 
 impl Conn {
-    fn new(io: TokioIo<TcpStream>, proxied: bool) -> Self {
-        Conn { io, proxied }
+    fn new(io: TokioIo<TcpStream>, proxied: bool, write_stall: Option<Duration>) -> Self {
+        Conn {
+            io,
+            proxied,
+            stall: WriteStall::new(write_stall),
+        }
     }
 }
 
@@ -181,11 +199,15 @@ impl Write for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.stall.check(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.stall.check(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -201,7 +223,9 @@ impl Write for Conn {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.stall.check(cx, polled)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod egress;
 pub mod error;
 pub mod headers;
 pub mod path;
+pub mod stall;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -364,7 +365,7 @@ fn build_client(
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.connect_timeout));
     http.set_keepalive(Some(std::time::Duration::from_secs(60)));
-    let tcp = egress::Connector::new(route, http);
+    let tcp = egress::Connector::new(route, http, Some(cfg.body_idle_timeout));
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();

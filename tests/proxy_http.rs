@@ -164,6 +164,17 @@ async fn forwarded_headers_are_added_only_when_enabled() {
     assert_eq!(seen.headers["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
     assert_eq!(seen.headers["x-forwarded-host"], front.proxy.to_string());
+
+    // HTTP/2 has no Host; its :authority names the sidecar.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap();
+    h2.get(front.url("/h2")).send().await.unwrap();
+    let seen = up.seen().pop().unwrap();
+    assert_eq!(seen.headers["x-forwarded-host"], front.proxy.to_string());
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
 }
 
 #[tokio::test]
@@ -283,6 +294,18 @@ async fn not_an_open_proxy() {
     .await;
     assert_eq!(connect.status, 405, "{}", connect.head);
     assert!(connect.has_header("allow"));
+
+    // OPTIONS * asks about the sidecar, not a resource to forward.
+    let star = upstream::raw(
+        front.proxy,
+        format!(
+            "OPTIONS * HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            front.proxy
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(star.status, 400, "{}", star.head);
 
     let seen: Vec<String> = up.seen().into_iter().map(|s| s.target).collect();
     assert_eq!(seen, ["/base/own"]);

@@ -72,40 +72,49 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// Rewrites the client's request headers for the upstream.
+/// What `X-Forwarded-*` says about the client (`proxy.forwarded_headers`).
+pub struct Forwarded<'a> {
+    pub client_ip: std::net::IpAddr,
+    /// HTTP/2's `:authority`, for `X-Forwarded-Host` when there is no `Host`.
+    pub authority: Option<&'a str>,
+}
+
+/// Rewrites the client's request headers for the upstream, in place, and
+/// returns the client's `Host` (removed: the upstream gets its own).
 pub fn rewrite_request(
     headers: &mut HeaderMap,
     bearer: HeaderValue,
     upgrade: bool,
-    forwarded: Option<(&str, &str)>,
-) {
+    forwarded: Option<Forwarded<'_>>,
+) -> Option<HeaderValue> {
     let trailers = wants_trailers(headers);
-    let client_host = forwarded.and(headers.get(header::HOST).cloned());
     strip_hop_by_hop(headers, upgrade);
     headers.remove(header::PROXY_AUTHORIZATION);
     // insert replaces every Authorization the client sent, however many.
     headers.insert(header::AUTHORIZATION, bearer);
     // Host is the upstream's; the client adds it from the URI.
-    headers.remove(header::HOST);
+    let client_host = headers.remove(header::HOST);
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    if let Some((peer_ip, proto)) = forwarded {
+    if let Some(f) = forwarded {
         let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {peer_ip}"),
-            None => peer_ip.to_owned(),
+            Some(prev) => format!("{prev}, {}", f.client_ip),
+            None => f.client_ip.to_string(),
         };
         if let Ok(v) = HeaderValue::try_from(xff) {
             headers.insert(&X_FORWARDED_FOR, v);
         }
-        headers.insert(
-            &X_FORWARDED_PROTO,
-            HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
-        );
-        if let Some(h) = client_host {
+        // The sidecar serves plain HTTP only.
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let host = client_host
+            .clone()
+            .or_else(|| f.authority.and_then(|a| HeaderValue::from_str(a).ok()));
+        if let Some(h) = host {
             headers.insert(&X_FORWARDED_HOST, h);
         }
     }
+    client_host
 }
 
 /// `proxy_redirect default`: a `Location` or `Content-Location` pointing into
@@ -185,7 +194,8 @@ mod tests {
             ("host", "localhost:7080"),
             ("te", "trailers, gzip"),
         ]);
-        rewrite_request(&mut h, HeaderValue::from_static("Bearer new"), false, None);
+        let host = rewrite_request(&mut h, HeaderValue::from_static("Bearer new"), false, None);
+        assert_eq!(host.unwrap(), "localhost:7080");
         let auth: Vec<_> = h.get_all("authorization").iter().collect();
         assert_eq!(auth, [HeaderValue::from_static("Bearer new")]);
         assert!(h.get("host").is_none());
@@ -195,15 +205,34 @@ mod tests {
     #[test]
     fn forwarded_headers() {
         let mut h = map(&[("host", "localhost:7080"), ("x-forwarded-for", "10.0.0.1")]);
+        let client = Forwarded {
+            client_ip: [127, 0, 0, 1].into(),
+            authority: None,
+        };
         rewrite_request(
             &mut h,
             HeaderValue::from_static("Bearer t"),
             false,
-            Some(("127.0.0.1", "http")),
+            Some(client),
         );
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(h.get("x-forwarded-host").unwrap(), "localhost:7080");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+
+        // HTTP/2: no Host, the authority instead.
+        let mut h = map(&[]);
+        let client = Forwarded {
+            client_ip: [127, 0, 0, 1].into(),
+            authority: Some("localhost:7080"),
+        };
+        rewrite_request(
+            &mut h,
+            HeaderValue::from_static("Bearer t"),
+            false,
+            Some(client),
+        );
+        assert_eq!(h.get("x-forwarded-host").unwrap(), "localhost:7080");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "127.0.0.1");
     }
 
     #[test]

@@ -166,6 +166,9 @@ impl Proxy {
                 ProxyError::BadRequest("dot-segments are not allowed in the request path")
             }
             path::PathRejection::NotAllowed => ProxyError::PathNotAllowed,
+            path::PathRejection::NotAPath => {
+                ProxyError::BadRequest("the request target must be a path")
+            }
         })?;
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
@@ -199,14 +202,12 @@ impl Proxy {
 
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let client_host = req.headers().get(header::HOST).cloned();
         let (mut parts, body) = req.into_parts();
-        let peer_ip = peer.ip().to_string();
-        let forwarded = self
-            .cfg
-            .forwarded_headers
-            .then_some((peer_ip.as_str(), "http"));
-        headers::rewrite_request(&mut parts.headers, bearer, upgrade, forwarded);
+        let forwarded = self.cfg.forwarded_headers.then(|| headers::Forwarded {
+            client_ip: peer.ip(),
+            authority: ex.uri.authority().map(|a| a.as_str()),
+        });
+        let client_host = headers::rewrite_request(&mut parts.headers, bearer, upgrade, forwarded);
         parts.headers.insert(&X_REQUEST_ID, ex.request_id.clone());
         if let Some(auth) = &self.egress_auth {
             parts

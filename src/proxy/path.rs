@@ -10,6 +10,8 @@ pub enum PathRejection {
     DotSegment,
     /// Not under any `proxy.allow_paths` prefix.
     NotAllowed,
+    /// Not a path at all: `OPTIONS *` asks about this server, not the upstream.
+    NotAPath,
 }
 
 /// Checks a raw request path (without the query).
@@ -19,6 +21,9 @@ pub enum PathRejection {
 /// strips before resolving), or hidden behind an encoded separator (`%2f`,
 /// `%5c`). `allow` prefixes are matched against the percent-decoded path.
 pub fn check(raw_path: &str, allow: &[String]) -> Result<(), PathRejection> {
+    if !raw_path.starts_with('/') {
+        return Err(PathRejection::NotAPath);
+    }
     if raw_path.contains('\\') {
         return Err(PathRejection::DotSegment);
     }
@@ -100,6 +105,11 @@ mod tests {
         ] {
             assert_eq!(check(p, &[]), Ok(()), "{p}");
         }
+    }
+
+    #[test]
+    fn asterisk_form_is_not_a_path() {
+        assert_eq!(check("*", &[]), Err(PathRejection::NotAPath));
     }
 
     #[test]

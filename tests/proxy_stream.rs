@@ -676,8 +676,13 @@ async fn a_gib_each_way_keeps_the_sidecars_memory_flat() {
     let before = sidecar.status_kib("VmRSS");
 
     let started = std::time::Instant::now();
-    upload_gib(sidecar.proxy).await;
-    download_gib(sidecar.proxy).await;
+    let transfers = async {
+        upload_gib(sidecar.proxy).await;
+        download_gib(sidecar.proxy).await;
+    };
+    tokio::time::timeout(Duration::from_secs(120), transfers)
+        .await
+        .expect("2 GiB through the sidecar within 120 s");
     let peak = sidecar.status_kib("VmHWM");
     let growth = peak.saturating_sub(before);
     eprintln!(

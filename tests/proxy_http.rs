@@ -84,6 +84,32 @@ async fn hop_by_hop_and_connection_listed_headers_are_removed_both_ways() {
 }
 
 #[tokio::test]
+async fn an_h2c_upgrade_is_declined_and_the_request_served_in_http1() {
+    let (up, front) = ok_pair("").await;
+    let resp = front
+        .get_raw(
+            "/x",
+            "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n",
+        )
+        .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body_text(), "ok");
+    let seen = up.only();
+    for gone in ["upgrade", "http2-settings"] {
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} reached the upstream"
+        );
+    }
+    assert!(seen.headers.get_all("connection").iter().all(|v| !v
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase()
+        .contains("upgrade")));
+    assert_eq!(seen.headers["authorization"], front.bearer());
+}
+
+#[tokio::test]
 async fn te_trailers_goes_upstream_only_when_the_client_sent_it() {
     let (up, front) = ok_pair("").await;
     front.get_raw("/with", "TE: gzip, trailers\r\n").await;

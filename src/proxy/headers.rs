@@ -60,16 +60,27 @@ pub fn wants_trailers(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
 }
 
-/// Whether this is an HTTP/1.1 upgrade request (`Connection: upgrade` and
-/// an `Upgrade` header).
+/// Whether this is an HTTP/1.1 upgrade request to pass through
+/// (`Connection: upgrade` and an `Upgrade` header).
+///
+/// Not `h2c`: after that upgrade the connection would carry HTTP/2 requests
+/// the proxy never sees, so none of them would get the token. Such a request
+/// (Java's HttpClient sends one for every `http://` URL) is forwarded as plain
+/// HTTP/1.1 with `Upgrade` stripped, and the client carries on in HTTP/1.1.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+    let Some(protocols) = headers.get(header::UPGRADE) else {
+        return false;
+    };
+    let h2c = protocols.to_str().map_or(true, |p| {
+        p.split(',')
+            .any(|t| t.trim().to_ascii_lowercase().starts_with("h2c"))
+    });
+    !h2c && headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// What `X-Forwarded-*` says about the client (`proxy.forwarded_headers`).
@@ -184,6 +195,22 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["trailer", "x-app"]);
+    }
+
+    #[test]
+    fn upgrades_except_h2c() {
+        let ws = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(is_upgrade(&ws));
+        let h2c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(!is_upgrade(&h2c));
+        let no_connection = map(&[("upgrade", "websocket")]);
+        assert!(!is_upgrade(&no_connection));
     }
 
     #[test]

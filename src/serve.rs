@@ -42,6 +42,9 @@ pub struct Server {
     /// `Some(grace)` once shutdown has begun.
     stop: watch::Sender<Option<Duration>>,
     loops: JoinSet<bool>,
+    /// Connection slots, shared by every listener of this server so that
+    /// `max_connections` bounds them together (set by the first `spawn`).
+    slots: Option<Arc<Semaphore>>,
 }
 
 impl Server {
@@ -49,6 +52,7 @@ impl Server {
         Server {
             stop: watch::channel(None).0,
             loops: JoinSet::new(),
+            slots: None,
         }
     }
 
@@ -78,8 +82,13 @@ impl Server {
             builder.http1_only()
         };
         let stop = self.stop.subscribe();
+        let slots = self
+            .slots
+            .get_or_insert_with(|| Arc::new(Semaphore::new(opts.max_connections)))
+            .clone();
         self.loops.spawn(accept_loop(
             listener,
+            slots,
             opts,
             Arc::new(builder),
             handler,
@@ -108,6 +117,7 @@ impl Default for Server {
 
 async fn accept_loop<H, F, B>(
     listener: TcpListener,
+    slots: Arc<Semaphore>,
     opts: ServeOptions,
     builder: Arc<auto::Builder<TokioExecutor>>,
     handler: H,
@@ -120,7 +130,6 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     // Beyond max_connections, new connections wait in the listen backlog.
-    let slots = Arc::new(Semaphore::new(opts.max_connections));
     let graceful = GracefulShutdown::new();
     let grace = loop {
         let permit = tokio::select! {

@@ -529,6 +529,35 @@ async fn connections_beyond_max_connections_wait_their_turn() {
     assert_eq!(up.seen().len(), 2);
 }
 
+#[tokio::test]
+async fn max_connections_bounds_all_listeners_together() {
+    let up = Upstream::ok().await;
+    let front = Front::start(
+        &up.url("/base/"),
+        "proxy.max_connections = 1\nproxy.listen = [\"127.0.0.1:0\", \"127.0.0.1:0\"]",
+    )
+    .await;
+    let [a, b] = front.sidecar.proxy_addrs[..] else {
+        panic!("two listeners: {:?}", front.sidecar.proxy_addrs);
+    };
+    let req = format!("GET /x HTTP/1.1\r\nHost: {a}\r\n\r\n");
+    let mut first = TcpStream::connect(a).await.unwrap();
+    first.write_all(req.as_bytes()).await.unwrap();
+    assert_eq!(next_response(&mut first, true).await.status, 200);
+
+    let mut second = TcpStream::connect(b).await.unwrap();
+    second.write_all(req.as_bytes()).await.unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), second.peek(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "the other listener served beyond max_connections"
+    );
+
+    drop(first);
+    assert_eq!(next_response(&mut second, true).await.status, 200);
+}
+
 /// Writes `request` while reading the answer (the server may answer and close
 /// before the whole request is written), until the server closes.
 async fn send_oversized(addr: std::net::SocketAddr, request: Vec<u8>) -> Vec<u8> {

@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +15,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::proxy::stall::StallGuard;
@@ -129,9 +130,10 @@ where
     B: Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // Beyond max_connections, new connections wait in the listen backlog.
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a sender; once all are gone, recv() says so.
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let grace = loop {
+        // Beyond max_connections, new connections wait in the listen backlog.
         let permit = tokio::select! {
             _ = stop.changed() => break grace_of(&stop),
             p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
@@ -150,7 +152,10 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counted = requests.clone();
         let service = service_fn(move |req| {
+            counted.fetch_add(1, Ordering::Relaxed);
             let fut = handler(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
@@ -158,18 +163,45 @@ where
         let conn = builder
             .serve_connection_with_upgrades(io, service)
             .into_owned();
-        let conn = graceful.watch(conn);
+        let mut stop = stop.clone();
+        let done = done_tx.clone();
+        let idle = opts.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            // HTTP/1.1 closes idle keep-alive connections itself
+            // (header_read_timeout); HTTP/2 has no such timer, so a
+            // connection that started no request for a whole period is
+            // asked to close (GOAWAY: open streams still finish).
+            let mut idle_check = tokio::time::interval_at(Instant::now() + idle, idle);
+            let mut seen = 0;
+            let mut closing = false;
+            let result = loop {
+                tokio::select! {
+                    r = conn.as_mut() => break r,
+                    _ = stop.changed(), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = idle_check.tick(), if !closing => {
+                        let started = requests.load(Ordering::Relaxed);
+                        if started == seen {
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                        seen = started;
+                    }
+                }
+            };
+            if let Err(e) = result {
                 debug!(error = %e, %peer, "connection ended with an error");
             }
             drop(permit);
+            drop(done);
         });
     };
     drop(listener); // new connections are refused from now on
-    tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_ok()
+    drop(done_tx);
+    tokio::time::timeout(grace, done_rx.recv()).await.is_ok()
 }
 
 fn grace_of(stop: &watch::Receiver<Option<Duration>>) -> Duration {

@@ -57,6 +57,33 @@ async fn h2c_with_prior_knowledge_is_served() {
     assert_eq!(seen[0].headers["authorization"], front.bearer());
 }
 
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() {
+    let up = Upstream::ok().await;
+    let front = Front::start(&up.url("/base/"), r#"proxy.client_idle_timeout = "300ms""#).await;
+    let tcp = TcpStream::connect(front.proxy).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(front.url("/x"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+    // The client keeps its side open; the sidecar ends the idle connection.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the idle HTTP/2 connection is closed within 10 s"
+    );
+    drop(sender);
+}
+
 /// A TLS upstream under a fresh CA and a sidecar trusting it by `ca_file`.
 async fn tls_pair(
     handler: fn(Request<Incoming>) -> upstream::BoxFuture,

@@ -720,3 +720,66 @@ async fn a_gib_each_way_keeps_the_sidecars_memory_flat() {
     );
     assert!(growth < 16 * 1024, "resident memory grew by {growth} KiB");
 }
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_lets_exchanges_finish() {
+    let (up, mut senders) = fed_upstream("application/octet-stream").await;
+    let front = Front::start(&up.url("/base/"), "").await;
+    let proxy = front.proxy;
+    let req = format!("GET /x HTTP/1.1\r\nHost: {proxy}\r\n\r\n");
+
+    // An idle keep-alive connection, and one with a download under way.
+    let mut idle = TcpStream::connect(proxy).await.unwrap();
+    idle.write_all(req.as_bytes()).await.unwrap();
+    let tx = senders.recv().await.unwrap();
+    tx.send(Frame::data(Bytes::from_static(b"done")))
+        .await
+        .unwrap();
+    drop(tx);
+    let _ = upstream::read_head(&mut idle).await;
+    let mut busy = TcpStream::connect(proxy).await.unwrap();
+    busy.write_all(req.as_bytes()).await.unwrap();
+    let tx = senders.recv().await.unwrap();
+    tx.send(Frame::data(Bytes::from_static(b"part one;")))
+        .await
+        .unwrap();
+    let head = upstream::read_head(&mut busy).await;
+    assert!(head.starts_with("HTTP/1.1 200"));
+
+    let shutdown = tokio::spawn(front.sidecar.shutdown_now());
+    // The idle connection is closed (after the rest of its chunked body).
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed")
+        .unwrap();
+    // New connections are refused.
+    support::eventually(
+        Duration::from_secs(10),
+        "the listener is closed",
+        || async move { TcpStream::connect(proxy).await.is_err() },
+    )
+    .await;
+    assert!(!shutdown.is_finished(), "shutdown waits for the download");
+
+    // The download finishes, then so does the shutdown.
+    tx.send(Frame::data(Bytes::from_static(b"part two")))
+        .await
+        .unwrap();
+    drop(tx);
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), busy.read_to_end(&mut body))
+        .await
+        .expect("the download completes and the connection closes")
+        .unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("part one;") && body.contains("part two"),
+        "{body}"
+    );
+    assert!(body.ends_with("0\r\n\r\n"), "{body:?}");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown returns once the download is done")
+        .unwrap();
+}

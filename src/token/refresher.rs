@@ -19,7 +19,15 @@
 //! - a password grant that answers with the token already held (such servers
 //!   again) keeps the generation and the original expiry, and the next attempt
 //!   uses the refresh_token grant if one is held, with backoff from
-//!   `min_interval`.
+//!   `min_interval`; once that token is past its usable time, the next attempt
+//!   is at its true expiry, when the server must issue a new one.
+//!
+//! Pacing: no two token calls closer than `refresh.min_interval`, whatever
+//! asks for them (schedule, 401 invalidations, `POST /admin/refresh`, a secret
+//! file change), except the password grant that follows a refused refresh
+//! token at once. A refused login (a permanent error) is retried only after
+//! `rejected_backoff` or when a secret file changes; upstream 401s do not
+//! hurry it, since every failed login counts towards locking the user.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -74,7 +82,8 @@ pub fn spawn<E: TokenEndpoint>(
         last_attempt: None,
         next: Instant::now(),
         forced: false,
-        secret_prints: None,
+        prints_at_attempt: Vec::new(),
+        secret_poll_at: None,
         status: (*handle.status()).clone(),
     };
     let task = tokio::spawn(refresher.run());
@@ -112,20 +121,29 @@ struct Refresher<E> {
     next: Instant,
     /// An invalidation is waiting for `min_interval` to pass.
     forced: bool,
-    /// Secret fingerprints taken after a refused login; `Some` while waiting.
-    secret_prints: Option<Vec<Option<u64>>>,
+    /// Fingerprints of the secret files as they were when the last attempt
+    /// read them (taken just before it, so a swap during the call is seen).
+    prints_at_attempt: Vec<Option<u64>>,
+    /// While logins are refused: when to look at the secret files next.
+    secret_poll_at: Option<Instant>,
     status: Status,
 }
 
 impl<E: TokenEndpoint> Refresher<E> {
+    /// The loop. Every branch ends by setting `next` at least `min_interval`
+    /// after the last attempt (the one exception: a refused refresh token is
+    /// followed by the password grant at once, and that grant cannot be
+    /// refused the same way), so it can neither spin nor stop.
     async fn run(mut self) {
         loop {
             self.status.next_attempt = self.next;
             self.handle.set_status(self.status.clone());
-            let poll = self.secret_prints.is_some();
+            let poll_at = self.secret_poll_at;
             tokio::select! {
                 biased;
                 Some(Command::Refresh(reply)) = self.commands.recv() => {
+                    // An operator may force a refresh, but not a grant storm.
+                    tokio::time::sleep_until(self.earliest()).await;
                     let report = self.attempt(Reason::Admin).await;
                     let _ = reply.send(report);
                 }
@@ -134,27 +152,41 @@ impl<E: TokenEndpoint> Refresher<E> {
                     let reason = if self.forced { Reason::Invalidated } else { Reason::Scheduled };
                     self.attempt(reason).await;
                 }
-                () = tokio::time::sleep(self.settings.refresh.secret_poll_interval), if poll => {
-                    if self.secrets_changed() {
+                () = sleep_until_some(poll_at) => {
+                    self.secret_poll_at =
+                        Some(Instant::now() + self.settings.refresh.secret_poll_interval);
+                    if self.fingerprints() != self.prints_at_attempt {
                         info!("a secret file changed; retrying the login now");
-                        self.next = Instant::now();
+                        self.secret_poll_at = None;
+                        self.next = self.earliest();
                     }
                 }
             }
         }
     }
 
+    /// The soonest the next token call may be made: `min_interval` after the
+    /// last one.
+    fn earliest(&self) -> Instant {
+        let now = Instant::now();
+        self.last_attempt
+            .map_or(now, |t| (t + self.settings.refresh.min_interval).max(now))
+    }
+
     fn on_invalidation(&mut self) {
         if self.generation == 0 || self.handle.invalidated_generation() < self.generation {
             return; // a newer token already exists, or none yet: nothing to force
         }
-        let earliest = self
-            .last_attempt
-            .map_or_else(Instant::now, |t| t + self.settings.refresh.min_interval);
+        if self.rejected_failures > 0 {
+            // Logins are being refused: another one now would only count
+            // towards locking the user. The slow retry (or a secret change)
+            // stays in charge.
+            return;
+        }
         self.forced = true;
         // Never sooner than min_interval after the last attempt, so an upstream
         // that rejects every token cannot drive a grant storm.
-        self.next = self.next.min(earliest);
+        self.next = self.next.min(self.earliest());
     }
 
     fn choose_grant(&self, reason: Reason) -> Grant {
@@ -170,15 +202,20 @@ impl<E: TokenEndpoint> Refresher<E> {
         let kind = grant.kind();
         let sent_at = Instant::now();
         let sent_wall = SystemTime::now();
-        // A hung call must not outlive the token it is meant to replace.
+        // A hung call must not outlive the token it is meant to replace: while
+        // that token is in use, the call ends by its true expiry at the latest,
+        // leaving the loop free to try again. Once it is past its usable time
+        // nothing is left to protect, and a call cut to the few milliseconds
+        // before expiry would only fail and delay the recovery.
         let timeout = match &self.held {
-            Some(h) if h.expires_at > sent_at => {
+            Some(h) if sent_at < h.usable_until => {
                 self.settings.oauth_timeout.min(h.expires_at - sent_at)
             }
             _ => self.settings.oauth_timeout,
         };
         self.last_attempt = Some(sent_at);
         self.forced = false;
+        self.prints_at_attempt = self.fingerprints();
         let result =
             match tokio::time::timeout(timeout, self.endpoint.request(&grant, timeout)).await {
                 Ok(r) => r,
@@ -240,24 +277,28 @@ impl<E: TokenEndpoint> Refresher<E> {
         self.refresh_token = resp.refresh_token.or(if keep_old { old } else { None });
         self.transient_failures = 0;
         self.rejected_failures = 0;
-        self.secret_prints = None;
+        self.secret_poll_at = None;
 
-        if same {
+        if let Some(held) = self.held.as_ref().filter(|_| same) {
             // Same token, same expiry: never reschedule at 75% of a shrinking
-            // remainder. Try again (refresh grant if held) with backoff.
+            // remainder. Try again (refresh grant if held) with backoff from
+            // min_interval while the token is usable. Once it is not, the
+            // server will go on answering with it until it expires: ask again
+            // right then, not after a backoff grown meanwhile.
             self.same_token_answers += 1;
-            let usable_left = self
-                .held
-                .as_ref()
-                .map(|h| h.usable_until.saturating_duration_since(now));
-            let delay = schedule::transient_backoff(
-                self.same_token_answers,
-                (self.jitter)(),
-                usable_left,
-                cfg,
-            );
-            self.next = now + delay;
-            info!(grant = %kind, generation = self.generation, retry_in_ms = delay.as_millis() as u64,
+            let usable_left = held.usable_until.saturating_duration_since(now);
+            self.next = if usable_left.is_zero() {
+                held.expires_at.max(now + cfg.min_interval)
+            } else {
+                now + schedule::transient_backoff(
+                    self.same_token_answers,
+                    (self.jitter)(),
+                    Some(usable_left),
+                    cfg,
+                )
+            };
+            info!(grant = %kind, generation = self.generation,
+                retry_in_ms = self.next.saturating_duration_since(now).as_millis() as u64,
                 "token endpoint answered with the token already held; expiry unchanged");
             return Ok(());
         }
@@ -344,7 +385,7 @@ impl<E: TokenEndpoint> Refresher<E> {
                 let delay =
                     schedule::rejected_backoff(self.rejected_failures, (self.jitter)(), cfg);
                 self.next = now + delay;
-                self.secret_prints = Some(self.fingerprints());
+                self.secret_poll_at = Some(now + cfg.secret_poll_interval);
                 let message = if e.outcome() == Outcome::Rejected {
                     "token request rejected"
                 } else {
@@ -364,16 +405,13 @@ impl<E: TokenEndpoint> Refresher<E> {
             .map(SecretSource::fingerprint)
             .collect()
     }
+}
 
-    fn secrets_changed(&mut self) -> bool {
-        let now = self.fingerprints();
-        match &self.secret_prints {
-            Some(before) if *before != now => {
-                self.secret_prints = None;
-                true
-            }
-            _ => false,
-        }
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

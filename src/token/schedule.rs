@@ -21,16 +21,23 @@ pub const DEFAULT_MAX_MARGIN: Duration = Duration::from_secs(5);
 
 /// When to refresh a token of `lifetime`, counted from when it was requested.
 ///
-/// At `REFRESH_BAND` (jittered), but never later than `min_remaining` before
-/// expiry, where `min_remaining` is capped at half the lifetime so that a
-/// 3 s token is refreshed at 1.5 s rather than never; and never sooner than
-/// `min_interval`. Example: 3 s -> 1.5 s; 120 s -> 90-96 s; 86399 s -> 18-19.2 h.
+/// Uniformly inside `REFRESH_BAND` (75-80%), but never later than
+/// `min_remaining` before expiry, where `min_remaining` is capped at half the
+/// lifetime so that a 3 s token is refreshed at all; and never sooner than
+/// `min_interval`. When `min_remaining` binds, the whole band slides down
+/// below that latest point instead of collapsing onto it, so short tokens
+/// keep their jitter (pods of a fleet holding one shared token then do not
+/// all refresh at the same instant).
+///
+/// Examples (defaults): 86399 s -> 18.0-19.2 h; 150 s and longer -> 75-80%;
+/// 120 s -> 84-90 s; 3 s -> 1.35-1.5 s; 1 s -> 1 s (`min_interval`).
 pub fn refresh_after(lifetime: Duration, jitter: f64, cfg: &RefreshConfig) -> Duration {
-    let fraction = REFRESH_BAND.0 + (REFRESH_BAND.1 - REFRESH_BAND.0) * jitter.clamp(0.0, 1.0);
-    let planned = lifetime.mul_f64(fraction);
+    let width = REFRESH_BAND.1 - REFRESH_BAND.0;
     let min_remaining = cfg.min_remaining.min(lifetime / 2);
     let latest = lifetime.saturating_sub(min_remaining);
-    planned.min(latest).max(cfg.min_interval)
+    let top = lifetime.mul_f64(REFRESH_BAND.1).min(latest);
+    let early_by = lifetime.mul_f64(width * (1.0 - jitter.clamp(0.0, 1.0)));
+    top.saturating_sub(early_by).max(cfg.min_interval)
 }
 
 /// The mean of [`refresh_after`] over the jitter, for capacity planning and the
@@ -68,12 +75,16 @@ pub fn transient_backoff(
 }
 
 /// Delay after the `failures`-th permanent error (a refused login) in a row:
-/// exponential from `rejected_backoff_min` to `rejected_backoff_max`, with
-/// "equal" jitter (between half and all of the step) so that a fleet spreads
-/// out but never hammers the server with near-zero delays.
+/// a step doubling from `rejected_backoff_min`, and a delay uniformly between
+/// the step and twice the step, never above `rejected_backoff_max`. So the
+/// first retry comes 1-2 min after a refused login, later ones 2-4, 4-8, ...
+/// up to 30 min (defaults): a fleet spreads out, and never retries a refused
+/// login sooner than `rejected_backoff_min` (failed logins lock users).
 pub fn rejected_backoff(failures: u32, jitter: f64, cfg: &RefreshConfig) -> Duration {
-    let exp = exponential(cfg.rejected_backoff_min, cfg.rejected_backoff_max, failures);
-    (exp / 2 + (exp / 2).mul_f64(jitter.clamp(0.0, 1.0))).max(cfg.min_interval)
+    let step = exponential(cfg.rejected_backoff_min, cfg.rejected_backoff_max, failures);
+    (step + step.mul_f64(jitter.clamp(0.0, 1.0)))
+        .min(cfg.rejected_backoff_max)
+        .max(cfg.min_interval)
 }
 
 fn exponential(base: Duration, max: Duration, failures: u32) -> Duration {
@@ -112,19 +123,19 @@ mod tests {
     }
 
     #[test]
-    fn short_tokens_refresh_at_half_life() {
-        assert_eq!(
-            refresh_after(Duration::from_secs(3), 0.5, &cfg()),
-            Duration::from_millis(1500)
-        );
-        assert_eq!(
-            refresh_after(Duration::from_secs(60), 1.0, &cfg()),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            refresh_after(Duration::from_millis(500), 0.0, &cfg()),
-            Duration::from_secs(1)
-        );
+    fn short_tokens_slide_the_band_below_min_remaining() {
+        let ms = Duration::from_millis;
+        // 3 s: min_remaining capped at 1.5 s; band 1.35-1.5 s.
+        assert_eq!(refresh_after(ms(3000), 0.0, &cfg()), ms(1350));
+        assert_eq!(refresh_after(ms(3000), 1.0, &cfg()), ms(1500));
+        // 120 s: at most 90 s (30 s before expiry); band 84-90 s.
+        assert_eq!(refresh_after(ms(120_000), 0.0, &cfg()), ms(84_000));
+        assert_eq!(refresh_after(ms(120_000), 1.0, &cfg()), ms(90_000));
+        // 150 s: the band itself, 112.5-120 s.
+        assert_eq!(refresh_after(ms(150_000), 0.0, &cfg()), ms(112_500));
+        assert_eq!(refresh_after(ms(150_000), 1.0, &cfg()), ms(120_000));
+        // min_interval wins for sub-second tokens.
+        assert_eq!(refresh_after(ms(500), 0.0, &cfg()), ms(1000));
     }
 
     #[test]
@@ -153,9 +164,11 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(transient_backoff(30, 0.0, None, &c), Duration::from_secs(1));
-        assert_eq!(rejected_backoff(1, 1.0, &c), Duration::from_secs(60));
-        assert_eq!(rejected_backoff(1, 0.0, &c), Duration::from_secs(30));
-        assert_eq!(rejected_backoff(20, 1.0, &c), Duration::from_secs(1800));
+        assert_eq!(rejected_backoff(1, 0.0, &c), Duration::from_secs(60));
+        assert_eq!(rejected_backoff(1, 1.0, &c), Duration::from_secs(120));
+        assert_eq!(rejected_backoff(3, 0.5, &c), Duration::from_secs(360));
+        assert_eq!(rejected_backoff(5, 1.0, &c), Duration::from_secs(1800));
+        assert_eq!(rejected_backoff(20, 0.0, &c), Duration::from_secs(1800));
     }
 
     #[test]
@@ -176,15 +189,30 @@ mod tests {
             // unless the lifetime is so short that min_interval wins
             let min_remaining = c.min_remaining.min(l / 2);
             prop_assert!(at <= l.saturating_sub(min_remaining).max(c.min_interval));
-            // never later than 80% of the lifetime, never before 75% unless capped
+            // never later than 80% of the lifetime; inside 75-80% when
+            // min_remaining does not bind; a band 5% wide in any case
             prop_assert!(at <= l.mul_f64(0.80).max(c.min_interval) + Duration::from_nanos(1));
-            if l >= Duration::from_secs(120) {
+            if l >= Duration::from_secs(150) {
                 prop_assert!(at >= l.mul_f64(0.75) - Duration::from_nanos(1));
+            }
+            let lo = refresh_after(l, 0.0, &c);
+            let hi = refresh_after(l, 1.0, &c);
+            prop_assert!(lo <= at && at <= hi);
+            if lo > c.min_interval {
+                prop_assert!(hi - lo >= l.mul_f64(0.05) - Duration::from_micros(1));
             }
             // the token is still usable when the refresh is due
             if l >= Duration::from_secs(2) {
                 prop_assert!(at < l - expiry_margin(l, &c));
             }
+        }
+
+        #[test]
+        fn refused_logins_back_off_between_min_and_max(n in 1u32..64, jitter in 0.0f64..1.0) {
+            let c = cfg();
+            let d = rejected_backoff(n, jitter, &c);
+            prop_assert!(d >= c.rejected_backoff_min && d <= c.rejected_backoff_max);
+            prop_assert!(d >= rejected_backoff(n.saturating_sub(1).max(1), jitter, &c));
         }
 
         #[test]

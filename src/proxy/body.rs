@@ -128,6 +128,21 @@ impl ProxyBody {
         self
     }
 
+    fn source_ended(&self) -> bool {
+        match &self.source {
+            Source::Empty => true,
+            Source::Chunks(c) => c.is_empty(),
+            Source::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    /// The body ended within the limit: the copy is complete.
+    fn finish_tee(&mut self) {
+        if let Some(tee) = self.tee.take() {
+            let _ = tee.done.send(tee.buf);
+        }
+    }
+
     fn count(&self, n: usize) {
         if let Some((ex, dir)) = &self.exchange {
             let c = if *dir == Direction::Up {
@@ -187,26 +202,24 @@ impl Body for ProxyBody {
                             this.tee = None; // too large to replay
                         }
                     }
+                    // hyper stops polling once a body says it has ended (a
+                    // Content-Length body after its last byte), so the end
+                    // may never come as `None`: hand the copy over now.
+                    if this.source_ended() {
+                        this.finish_tee();
+                    }
                 } else {
                     this.tee = None; // trailers: a replay could not carry them
                 }
             }
             Some(Err(_)) => this.tee = None,
-            None => {
-                if let Some(tee) = this.tee.take() {
-                    let _ = tee.done.send(tee.buf);
-                }
-            }
+            None => this.finish_tee(),
         }
         Poll::Ready(item)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.source {
-            Source::Empty => true,
-            Source::Chunks(c) => c.is_empty(),
-            Source::Stream(s) => s.is_end_stream(),
-        }
+        self.source_ended()
     }
 
     fn size_hint(&self) -> SizeHint {

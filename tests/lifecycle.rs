@@ -70,7 +70,8 @@ struct ServerState {
     /// HTTP client does) and the password the server accepts.
     password: Option<(SecretSource, &'static str)>,
     issued: u64,
-    last: Option<(String, Instant)>,
+    /// The last access token issued, its expiry, its refresh token.
+    last: Option<(String, Instant, Option<String>)>,
     calls: Vec<Call>,
 }
 
@@ -108,6 +109,18 @@ impl Endpoint {
         self.with(|s| s.calls.clone())
     }
 
+    /// Another pod of the fleet refreshed: the server's live token changes
+    /// behind this sidecar's back.
+    fn other_pod_refreshes(&self) {
+        let now = Instant::now();
+        self.with(|s| {
+            s.issued += 1;
+            let access = format!("access-{}-other-pod-SECRET", s.issued);
+            let rt = s.issue_refresh.then(|| format!("refresh-{}", s.issued));
+            s.last = Some((access, now + s.lifetime, rt));
+        });
+    }
+
     fn since_start(&self) -> Duration {
         Instant::now() - self.start
     }
@@ -136,7 +149,7 @@ impl Endpoint {
                 }
             }
         }
-        let live = s.last.as_ref().is_some_and(|(_, exp)| *exp > now);
+        let live = s.last.as_ref().is_some_and(|(_, exp, _)| *exp > now);
         if matches!(answer, Answer::Issue)
             && s.one_token
             && matches!(grant, Grant::Password)
@@ -153,8 +166,8 @@ impl Endpoint {
                 description: None,
             })),
             Answer::Same => {
-                let (access, exp) = s.last.clone().expect("a token was issued before");
-                Some(Ok(response(&access, None, exp - now)))
+                let (access, exp, rt) = s.last.clone().expect("a token was issued before");
+                Some(Ok(response(&access, rt, exp - now)))
             }
             Answer::Issue => {
                 s.issued += 1;
@@ -165,7 +178,7 @@ impl Endpoint {
                     Grant::RefreshToken(_) => s.rotate,
                 }
                 .then(|| format!("refresh-{n}"));
-                s.last = Some((access.clone(), now + s.lifetime));
+                s.last = Some((access.clone(), now + s.lifetime, rt.clone()));
                 Some(Ok(response(&access, rt, s.lifetime)))
             }
         };
@@ -507,6 +520,96 @@ async fn same_token_answers_without_refresh_token_end_at_the_true_expiry() {
     // that grew while the server kept answering with the same token.
     assert_eq!(calls.last().unwrap().at, S(20));
     assert!(calls.len() <= 10, "same-token retries back off: {calls:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_401_the_next_renewal_is_a_late_password_grant_then_refreshes_resume() {
+    let endpoint = Endpoint::new(S(100));
+    let sidecar = start(&endpoint, settings(), half);
+    generation(&sidecar, 1, S(1)).await;
+    at(&endpoint, S(10)).await;
+    sidecar.token.invalidate(1);
+    generation(&sidecar, 3, S(200)).await;
+    generation(&sidecar, 4, S(200)).await;
+    let calls: Vec<_> = endpoint.calls().iter().map(|c| (c.at, c.grant)).collect();
+    use GrantKind::*;
+    assert_eq!(
+        calls[..4],
+        [
+            (S(0), Password),
+            // The 401: password grant first.
+            (S(10), Password),
+            // Following: the top of the band (100 s tokens: 70 s), password.
+            (S(80), Password),
+            // Back to normal: 67.5 s later, the refresh_token grant.
+            (S(80) + MS(67_500), RefreshToken),
+        ]
+    );
+    assert_eq!(
+        endpoint.calls()[3].refresh_token.as_deref(),
+        Some("refresh-3")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_takes_over_with_the_refresh_grant_when_nobody_else_renews() {
+    // One token per user. Another pod refreshes at 10 s; this one meets the
+    // 401 and follows; then the other pod goes away.
+    let endpoint = Endpoint::new(S(100));
+    endpoint.with(|s| s.one_token = true);
+    let sidecar = start(&endpoint, settings(), half);
+    generation(&sidecar, 1, S(1)).await;
+    at(&endpoint, S(10)).await;
+    endpoint.other_pod_refreshes();
+    sidecar.token.invalidate(1);
+    generation(&sidecar, 2, S(5)).await;
+    // Its renewal at 80 s gets the token it already holds (nobody renewed
+    // it), so it refreshes itself, min_interval later.
+    generation(&sidecar, 3, S(100)).await;
+    let calls: Vec<_> = endpoint
+        .calls()
+        .iter()
+        .map(|c| (c.at, c.grant, c.ok))
+        .collect();
+    use GrantKind::*;
+    assert_eq!(
+        calls,
+        [
+            (S(0), Password, true),
+            (S(10), Password, true),
+            (S(80), Password, true),
+            (S(81), RefreshToken, true),
+        ]
+    );
+    let status = sidecar.token.status();
+    assert_eq!((status.generation, status.grant), (3, Some(RefreshToken)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_followers_refused_password_grant_falls_back_to_the_refresh_token_at_once() {
+    let endpoint = Endpoint::new(S(100));
+    let sidecar = start(&endpoint, settings(), half);
+    generation(&sidecar, 1, S(1)).await;
+    at(&endpoint, S(10)).await;
+    sidecar.token.invalidate(1);
+    generation(&sidecar, 2, S(5)).await;
+    // The password changed on the server, not yet in the sidecar's secret.
+    endpoint.with(|s| s.script = [Answer::Rejected(400, "invalid_grant")].into());
+    generation(&sidecar, 3, S(100)).await;
+    let calls: Vec<_> = endpoint
+        .calls()
+        .iter()
+        .map(|c| (c.at, c.grant, c.ok, c.refresh_token.clone()))
+        .collect();
+    use GrantKind::*;
+    assert_eq!(
+        calls[2..],
+        [
+            (S(80), Password, false, None),
+            (S(81), RefreshToken, true, Some("refresh-2".into())),
+        ]
+    );
+    assert!(sidecar.token.usable().is_some());
 }
 
 // ---------------------------------------------------------------- outages

@@ -16,6 +16,14 @@
 //!   if those pods answered their 401s with refreshes of their own they would
 //!   revoke each other in a loop; a password grant instead returns the live
 //!   token without revoking anything, so the fleet converges;
+//! - a token so obtained (password grant after a 401) makes this pod a
+//!   follower: its next renewal is planned at the top of the band, hence
+//!   after the pod that refreshed, and uses the password grant, which on such
+//!   servers returns the live token and revokes nothing. A scheduled refresh
+//!   by a follower could otherwise land a few milliseconds after another
+//!   pod's, before this pod has seen a 401, and revoke the token the others
+//!   are replaying with. On other servers this costs one password grant
+//!   after a 401; a refused one falls back to the refresh token at once;
 //! - a password grant that answers with the token already held (such servers
 //!   again) keeps the generation and the original expiry, and the next attempt
 //!   uses the refresh_token grant if one is held, with backoff from
@@ -82,6 +90,7 @@ pub fn spawn<E: TokenEndpoint>(
         last_attempt: None,
         next: Instant::now(),
         forced: false,
+        follower: false,
         prints_at_attempt: Vec::new(),
         secret_poll_at: None,
         status: (*handle.status()).clone(),
@@ -121,6 +130,12 @@ struct Refresher<E> {
     next: Instant,
     /// An invalidation is waiting for `min_interval` to pass.
     forced: bool,
+    /// The current token came from a password grant that answered an
+    /// upstream 401. On a server keeping one token per user, that means
+    /// another pod of the fleet refreshed: this pod follows, renewing late
+    /// (the top of the band, so after the pod that refreshed) and with the
+    /// password grant, which returns the live token and revokes nothing.
+    follower: bool,
     /// Fingerprints of the secret files as they were when the last attempt
     /// read them (taken just before it, so a swap during the call is seen).
     prints_at_attempt: Vec<Option<u64>>,
@@ -190,7 +205,14 @@ impl<E: TokenEndpoint> Refresher<E> {
     }
 
     fn choose_grant(&self, reason: Reason) -> Grant {
-        let password_first = reason == Reason::Invalidated && self.same_token_answers == 0;
+        // After a same-token answer, the refresh grant: the token is the live
+        // one and nobody else is renewing it.
+        let password_first = self.same_token_answers == 0
+            && match reason {
+                Reason::Invalidated => true,
+                Reason::Scheduled => self.follower && self.rejected_failures == 0,
+                Reason::Admin => false,
+            };
         match &self.refresh_token {
             Some(rt) if !password_first => Grant::RefreshToken(rt.clone()),
             _ => Grant::Password,
@@ -238,7 +260,7 @@ impl<E: TokenEndpoint> Refresher<E> {
         };
         let result = result.and_then(|resp| {
             let lifetime = resp.lifetime;
-            self.on_success(kind, resp, sent_at, sent_wall)
+            self.on_success(reason, kind, resp, sent_at, sent_wall)
                 .map(|()| lifetime)
         });
         match result {
@@ -251,7 +273,7 @@ impl<E: TokenEndpoint> Refresher<E> {
             Err(e) => {
                 report.outcome = e.outcome();
                 report.error = Some(e.code().to_owned());
-                self.on_failure(kind, e);
+                self.on_failure(reason, kind, e);
             }
         }
         report
@@ -259,6 +281,7 @@ impl<E: TokenEndpoint> Refresher<E> {
 
     fn on_success(
         &mut self,
+        reason: Reason,
         kind: GrantKind,
         resp: TokenResponse,
         sent_at: Instant,
@@ -315,6 +338,7 @@ impl<E: TokenEndpoint> Refresher<E> {
         let expires_wall = sent_wall + lifetime;
         self.generation += 1;
         self.same_token_answers = 0;
+        self.follower = reason == Reason::Invalidated && kind == GrantKind::Password;
         self.handle.publish(Token {
             generation: self.generation,
             header,
@@ -326,7 +350,10 @@ impl<E: TokenEndpoint> Refresher<E> {
             expires_at,
             usable_until,
         });
-        let after = schedule::refresh_after(lifetime, (self.jitter)(), cfg);
+        // A follower takes the top of its band: having received the token
+        // after the pod that refreshed it, it then renews after that pod too.
+        let jitter = if self.follower { 1.0 } else { (self.jitter)() };
+        let after = schedule::refresh_after(lifetime, jitter, cfg);
         self.next = (sent_at + after).max(now + cfg.min_interval);
         self.metrics.token_obtained(self.generation, expires_wall);
         self.status.generation = self.generation;
@@ -345,7 +372,7 @@ impl<E: TokenEndpoint> Refresher<E> {
         Ok(())
     }
 
-    fn on_failure(&mut self, kind: GrantKind, e: TokenError) {
+    fn on_failure(&mut self, reason: Reason, kind: GrantKind, e: TokenError) {
         let cfg = &self.settings.refresh;
         let now = Instant::now();
         self.status.last_error = Some(e.code().to_owned());
@@ -379,6 +406,19 @@ impl<E: TokenEndpoint> Refresher<E> {
                     retry_in_ms = delay.as_millis() as u64,
                     token_valid_for_ms = valid_for.map(|d| d.as_millis() as u64),
                     cause = %error_chain(&e), "token request failed; will retry");
+            }
+            ErrorClass::Permanent
+                if reason == Reason::Scheduled && self.follower && self.refresh_token.is_some() =>
+            {
+                // The follower's password grant was refused, but the refresh
+                // token may still work: use it at once rather than wait out
+                // a slow backoff while the token runs out.
+                self.rejected_failures += 1;
+                self.follower = false;
+                self.next = self.earliest();
+                error!(grant = %kind, error = e.code(), description = description.as_deref(),
+                    hint = e.hint(kind), cause = %error_chain(&e),
+                    "token request rejected; renewing with the refresh token instead");
             }
             ErrorClass::Permanent => {
                 self.rejected_failures += 1;

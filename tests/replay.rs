@@ -359,6 +359,33 @@ async fn plain_401_is_replayed_under_retry_any() {
 }
 
 #[tokio::test]
+async fn a_replay_whose_new_token_is_revoked_too_is_replayed_once_more() {
+    // As when another pod's refresh revokes the token this request was just
+    // replayed with: generations 1 and 2 are rejected, 3 is good.
+    let p = picky(401, INVALID_TOKEN, "[refresh]\nmin_interval = \"100ms\"").await;
+    p.reject_up_to.store(2, Ordering::SeqCst);
+    let resp = support::client()
+        .post(p.url("/api/x"))
+        .body("payload")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(p.hits(), [(1, 401, 7), (2, 401, 7), (3, 200, 7)]);
+    assert_eq!(p.retries().await, 2.0);
+}
+
+#[tokio::test]
+async fn replays_stop_after_two_when_the_upstream_rejects_every_token() {
+    let p = picky(401, INVALID_TOKEN, "[refresh]\nmin_interval = \"100ms\"").await;
+    p.reject_up_to.store(u64::MAX, Ordering::SeqCst);
+    assert_eq!(p.get().await, StatusCode::UNAUTHORIZED);
+    assert_eq!(p.hits(), [(1, 401, 0), (2, 401, 0), (3, 401, 0)]);
+    assert_eq!(p.retries().await, 2.0);
+    assert_eq!(token_calls(&p.world), 3);
+}
+
+#[tokio::test]
 async fn forbidden_is_never_replayed() {
     let p = picky(
         403,

@@ -5,7 +5,9 @@
 //! the token endpoint), header rewriting in place, bodies streamed both ways.
 //! A 401 that says the token is bad invalidates that generation (the refresher
 //! fetches a new one, once for any number of such 401s) and the request is
-//! replayed once from the bounded copy its body kept while streaming.
+//! replayed from the bounded copy its body kept while streaming: once, or
+//! twice when the replay's new token was itself revoked in flight
+//! ([`MAX_REPLAYS`]).
 
 pub mod body;
 pub mod egress;
@@ -46,6 +48,16 @@ pub enum BuildError {
     #[error(transparent)]
     Egress(#[from] egress::EgressError),
 }
+
+/// Replays after a 401 that rejected our token, at most.
+///
+/// One is the rule. A second happens only when the replay's own, brand-new
+/// token was rejected too: on a server that keeps one token per user, a pod
+/// of the fleet whose refresh landed in the same milliseconds revokes the
+/// token this request was just replayed with, and the token after it is
+/// good. Two bound what an upstream that rejects every token can cost a
+/// request: two waits for a new token (each paced by `refresh.min_interval`).
+pub const MAX_REPLAYS: usize = 2;
 
 /// Everything a request needs, built once at start.
 pub struct Proxy {
@@ -235,23 +247,32 @@ impl Proxy {
         if resp.status() == StatusCode::UNAUTHORIZED && self.token_rejected(resp.headers()) {
             // Whatever happens to this request, that token is no good.
             self.token.invalidate(generation);
-            if let Some((mut copy, method, uri, mut headers)) = replay {
+            if let Some((mut copy, method, uri, headers)) = replay {
                 // The copy is there only if the body ended within the limit.
                 if let Ok(chunks) = copy.try_recv() {
-                    if let Ok((newer, bearer)) = self
-                        .token
-                        .wait_usable(generation, self.cfg.token_wait)
-                        .await
-                    {
-                        headers.insert(header::AUTHORIZATION, bearer);
-                        let mut again = Request::new(ProxyBody::chunks(chunks));
-                        *again.method_mut() = method;
-                        *again.uri_mut() = uri;
-                        *again.headers_mut() = headers;
+                    let mut rejected = generation;
+                    for _ in 0..MAX_REPLAYS {
+                        let Ok((newer, bearer)) =
+                            self.token.wait_usable(rejected, self.cfg.token_wait).await
+                        else {
+                            break; // no newer token in time: pass the 401 back
+                        };
+                        let mut again = Request::new(ProxyBody::chunks(chunks.clone()));
+                        *again.method_mut() = method.clone();
+                        *again.uri_mut() = uri.clone();
+                        *again.headers_mut() = headers.clone();
+                        again.headers_mut().insert(header::AUTHORIZATION, bearer);
                         ex.generation.store(newer, Ordering::Relaxed);
                         ex.replayed.store(true, Ordering::Relaxed);
                         self.metrics.replayed_after_401();
                         resp = self.send(again, false, ex).await?;
+                        if resp.status() != StatusCode::UNAUTHORIZED
+                            || !self.token_rejected(resp.headers())
+                        {
+                            break;
+                        }
+                        self.token.invalidate(newer);
+                        rejected = newer;
                     }
                 }
             }

@@ -109,18 +109,6 @@ impl Endpoint {
         self.with(|s| s.calls.clone())
     }
 
-    /// Another pod of the fleet refreshed: the server's live token changes
-    /// behind this sidecar's back.
-    fn other_pod_refreshes(&self) {
-        let now = Instant::now();
-        self.with(|s| {
-            s.issued += 1;
-            let access = format!("access-{}-other-pod-SECRET", s.issued);
-            let rt = s.issue_refresh.then(|| format!("refresh-{}", s.issued));
-            s.last = Some((access, now + s.lifetime, rt));
-        });
-    }
-
     fn since_start(&self) -> Duration {
         Instant::now() - self.start
     }
@@ -523,14 +511,13 @@ async fn same_token_answers_without_refresh_token_end_at_the_true_expiry() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn after_a_401_the_next_renewal_is_a_late_password_grant_then_refreshes_resume() {
+async fn after_a_401_the_next_refresh_is_planned_at_the_top_of_the_band() {
     let endpoint = Endpoint::new(S(100));
     let sidecar = start(&endpoint, settings(), half);
     generation(&sidecar, 1, S(1)).await;
     at(&endpoint, S(10)).await;
     sidecar.token.invalidate(1);
-    generation(&sidecar, 3, S(200)).await;
-    generation(&sidecar, 4, S(200)).await;
+    generation(&sidecar, 4, S(300)).await;
     let calls: Vec<_> = endpoint.calls().iter().map(|c| (c.at, c.grant)).collect();
     use GrantKind::*;
     assert_eq!(
@@ -539,77 +526,17 @@ async fn after_a_401_the_next_renewal_is_a_late_password_grant_then_refreshes_re
             (S(0), Password),
             // The 401: password grant first.
             (S(10), Password),
-            // Following: the top of the band (100 s tokens: 70 s), password.
-            (S(80), Password),
-            // Back to normal: 67.5 s later, the refresh_token grant.
+            // Following: the top of the band (100 s tokens: 65-70 s), so
+            // after the fleet's pod that refreshed; the refresh_token grant.
+            (S(80), RefreshToken),
+            // Back to the jittered band (67.5 s with jitter 0.5).
             (S(80) + MS(67_500), RefreshToken),
         ]
     );
     assert_eq!(
-        endpoint.calls()[3].refresh_token.as_deref(),
-        Some("refresh-3")
+        endpoint.calls()[2].refresh_token.as_deref(),
+        Some("refresh-2")
     );
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_follower_takes_over_with_the_refresh_grant_when_nobody_else_renews() {
-    // One token per user. Another pod refreshes at 10 s; this one meets the
-    // 401 and follows; then the other pod goes away.
-    let endpoint = Endpoint::new(S(100));
-    endpoint.with(|s| s.one_token = true);
-    let sidecar = start(&endpoint, settings(), half);
-    generation(&sidecar, 1, S(1)).await;
-    at(&endpoint, S(10)).await;
-    endpoint.other_pod_refreshes();
-    sidecar.token.invalidate(1);
-    generation(&sidecar, 2, S(5)).await;
-    // Its renewal at 80 s gets the token it already holds (nobody renewed
-    // it), so it refreshes itself, min_interval later.
-    generation(&sidecar, 3, S(100)).await;
-    let calls: Vec<_> = endpoint
-        .calls()
-        .iter()
-        .map(|c| (c.at, c.grant, c.ok))
-        .collect();
-    use GrantKind::*;
-    assert_eq!(
-        calls,
-        [
-            (S(0), Password, true),
-            (S(10), Password, true),
-            (S(80), Password, true),
-            (S(81), RefreshToken, true),
-        ]
-    );
-    let status = sidecar.token.status();
-    assert_eq!((status.generation, status.grant), (3, Some(RefreshToken)));
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_followers_refused_password_grant_falls_back_to_the_refresh_token_at_once() {
-    let endpoint = Endpoint::new(S(100));
-    let sidecar = start(&endpoint, settings(), half);
-    generation(&sidecar, 1, S(1)).await;
-    at(&endpoint, S(10)).await;
-    sidecar.token.invalidate(1);
-    generation(&sidecar, 2, S(5)).await;
-    // The password changed on the server, not yet in the sidecar's secret.
-    endpoint.with(|s| s.script = [Answer::Rejected(400, "invalid_grant")].into());
-    generation(&sidecar, 3, S(100)).await;
-    let calls: Vec<_> = endpoint
-        .calls()
-        .iter()
-        .map(|c| (c.at, c.grant, c.ok, c.refresh_token.clone()))
-        .collect();
-    use GrantKind::*;
-    assert_eq!(
-        calls[2..],
-        [
-            (S(80), Password, false, None),
-            (S(81), RefreshToken, true, Some("refresh-2".into())),
-        ]
-    );
-    assert!(sidecar.token.usable().is_some());
 }
 
 // ---------------------------------------------------------------- outages

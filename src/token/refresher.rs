@@ -17,13 +17,14 @@
 //!   revoke each other in a loop; a password grant instead returns the live
 //!   token without revoking anything, so the fleet converges;
 //! - a token so obtained (password grant after a 401) makes this pod a
-//!   follower: its next renewal is planned at the top of the band, hence
-//!   after the pod that refreshed, and uses the password grant, which on such
-//!   servers returns the live token and revokes nothing. A scheduled refresh
-//!   by a follower could otherwise land a few milliseconds after another
-//!   pod's, before this pod has seen a 401, and revoke the token the others
-//!   are replaying with. On other servers this costs one password grant
-//!   after a 401; a refused one falls back to the refresh token at once;
+//!   follower: its refresh is planned at the top of the band rather than
+//!   anywhere in it. Having received the shared token after the pod that
+//!   refreshed it, it then refreshes after that pod too, and with any
+//!   traffic meets that pod's next refresh as a 401 first (and follows
+//!   again) instead of refreshing a few milliseconds behind it and revoking
+//!   the token the fleet was just given. The rare refresh that still lands
+//!   so (pods started together hold one token received within
+//!   milliseconds) is absorbed by the proxy's second replay;
 //! - a password grant that answers with the token already held (such servers
 //!   again) keeps the generation and the original expiry, and the next attempt
 //!   uses the refresh_token grant if one is held, with backoff from
@@ -132,9 +133,8 @@ struct Refresher<E> {
     forced: bool,
     /// The current token came from a password grant that answered an
     /// upstream 401. On a server keeping one token per user, that means
-    /// another pod of the fleet refreshed: this pod follows, renewing late
-    /// (the top of the band, so after the pod that refreshed) and with the
-    /// password grant, which returns the live token and revokes nothing.
+    /// another pod of the fleet refreshed: this pod refreshes at the top of
+    /// its band, after that pod.
     follower: bool,
     /// Fingerprints of the secret files as they were when the last attempt
     /// read them (taken just before it, so a swap during the call is seen).
@@ -205,14 +205,7 @@ impl<E: TokenEndpoint> Refresher<E> {
     }
 
     fn choose_grant(&self, reason: Reason) -> Grant {
-        // After a same-token answer, the refresh grant: the token is the live
-        // one and nobody else is renewing it.
-        let password_first = self.same_token_answers == 0
-            && match reason {
-                Reason::Invalidated => true,
-                Reason::Scheduled => self.follower && self.rejected_failures == 0,
-                Reason::Admin => false,
-            };
+        let password_first = reason == Reason::Invalidated && self.same_token_answers == 0;
         match &self.refresh_token {
             Some(rt) if !password_first => Grant::RefreshToken(rt.clone()),
             _ => Grant::Password,
@@ -273,7 +266,7 @@ impl<E: TokenEndpoint> Refresher<E> {
             Err(e) => {
                 report.outcome = e.outcome();
                 report.error = Some(e.code().to_owned());
-                self.on_failure(reason, kind, e);
+                self.on_failure(kind, e);
             }
         }
         report
@@ -372,7 +365,7 @@ impl<E: TokenEndpoint> Refresher<E> {
         Ok(())
     }
 
-    fn on_failure(&mut self, reason: Reason, kind: GrantKind, e: TokenError) {
+    fn on_failure(&mut self, kind: GrantKind, e: TokenError) {
         let cfg = &self.settings.refresh;
         let now = Instant::now();
         self.status.last_error = Some(e.code().to_owned());
@@ -406,19 +399,6 @@ impl<E: TokenEndpoint> Refresher<E> {
                     retry_in_ms = delay.as_millis() as u64,
                     token_valid_for_ms = valid_for.map(|d| d.as_millis() as u64),
                     cause = %error_chain(&e), "token request failed; will retry");
-            }
-            ErrorClass::Permanent
-                if reason == Reason::Scheduled && self.follower && self.refresh_token.is_some() =>
-            {
-                // The follower's password grant was refused, but the refresh
-                // token may still work: use it at once rather than wait out
-                // a slow backoff while the token runs out.
-                self.rejected_failures += 1;
-                self.follower = false;
-                self.next = self.earliest();
-                error!(grant = %kind, error = e.code(), description = description.as_deref(),
-                    hint = e.hint(kind), cause = %error_chain(&e),
-                    "token request rejected; renewing with the refresh token instead");
             }
             ErrorClass::Permanent => {
                 self.rejected_failures += 1;

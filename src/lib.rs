@@ -15,7 +15,8 @@
 //! - [`proxy`]: a hyper reverse proxy on loopback. A request loads the token
 //!   once (lock-free), replaces the client's `Authorization`, strips hop-by-hop
 //!   headers and streams both bodies. A 401 `invalid_token` from the upstream
-//!   invalidates that token generation and replays the request once.
+//!   invalidates that token generation and replays the request once (twice
+//!   if the replay's new token was itself revoked in flight).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status`, and two control
 //!   endpoints, on their own listener.
 //! - [`app`] assembles these; [`serve`] holds the accept loops and graceful

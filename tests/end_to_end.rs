@@ -368,6 +368,41 @@ async fn tokens_are_refreshed_ahead_of_expiry_while_requests_flow() {
 // Answers the sidecar makes itself, and the admin endpoints.
 
 #[tokio::test]
+async fn a_refused_login_answers_503_at_once_instead_of_holding_requests() {
+    // A request held for token_wait (15 s) would hit the client's 10 s
+    // timeout. After a refused login the next attempt is at least a minute
+    // away, beyond token_wait, so waiting cannot help: answer at once.
+    let h = Harness::start(
+        300.0,
+        "[oauth]\npassword = \"wrong\"\n[proxy]\ntoken_wait = \"15s\"",
+    )
+    .await;
+    let token = h.running().token.clone();
+    support::eventually(Duration::from_secs(10), "the refused login", || {
+        let token = token.clone();
+        async move { token.status().last_error.as_deref() == Some("invalid_grant") }
+    })
+    .await;
+    let resp = support::client()
+        .get(h.url("/backoffice/api/x"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("answered without waiting out proxy.token_wait");
+    let retry_after: u64 = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After of whole seconds");
+    assert!(
+        retry_after >= 30,
+        "the next login is minutes away: {retry_after}"
+    );
+    assert_local_error(resp, 503, "token_unavailable").await;
+}
+
+#[tokio::test]
 async fn no_token_at_start_gives_503_token_unavailable_with_retry_after() {
     let h = Harness::start(
         300.0,

@@ -198,7 +198,7 @@ impl Proxy {
             // Before the first token, wait for it rather than fail at once.
             None if !self.token.ever_had_token() => self
                 .token
-                .wait_usable(0, self.cfg.token_wait)
+                .wait_first(self.cfg.token_wait)
                 .await
                 .map_err(|u| ProxyError::TokenUnavailable {
                     retry_after: u.retry_after,

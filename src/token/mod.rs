@@ -128,6 +128,20 @@ impl TokenHandle {
         self.current.load().is_some()
     }
 
+    /// Before the first token: waits up to `wait` for it, unless the refresh
+    /// loop will make no attempt within that time (a refused login backs off
+    /// for minutes), in which case holding the request would only turn a
+    /// prompt 503 into a client-side timeout.
+    pub async fn wait_first(&self, wait: Duration) -> Result<(u64, HeaderValue), Unavailable> {
+        let next = self.status.load().next_attempt;
+        if next > Instant::now() + wait {
+            return Err(Unavailable {
+                retry_after: self.retry_after(),
+            });
+        }
+        self.wait_usable(0, wait).await
+    }
+
     /// Waits up to `wait` for a usable token newer than generation `newer_than`.
     pub async fn wait_usable(
         &self,

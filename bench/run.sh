@@ -1,0 +1,359 @@
+#!/usr/bin/env bash
+# bench/run.sh: token-sidecar against nginx as a bearer-injecting reverse
+# proxy, side by side in one run. See bench/README.md.
+#
+# Measures, interleaved and repeated: the upstream directly, nginx (one
+# worker, keep-alive upstream, static `Authorization: Bearer <1 KiB>`, access
+# log on) and token-sidecar with its defaults (access log, request ids),
+# at each connection count; then a streaming download through each.
+# Prints medians across rounds and the ratios token-sidecar/nginx.
+#
+# Everything listens on 127.0.0.1 only; every process started here is
+# stopped on exit. Settings (environment):
+#   ROUNDS=3 DURATION=10 WARMUP=2 CONNS="64 256" WRK_THREADS=1
+#   STREAM_MIB=1024 PORT_BASE=27480 (and the 4 ports after it) SKIP_BUILD=0
+#   PROXY_CPUS, UPSTREAM_CPUS, LOAD_CPUS: taskset CPU lists (see placement below)
+set -euo pipefail
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+WARMUP=${WARMUP:-2}
+CONNS=${CONNS:-"64 256"}
+WRK_THREADS=${WRK_THREADS:-1}
+STREAM_MIB=${STREAM_MIB:-1024}
+PORT_BASE=${PORT_BASE:-27480}
+SKIP_BUILD=${SKIP_BUILD:-0}
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH=$ROOT/bench
+
+say() { printf '%s\n' "$*" >&2; }
+die() { say "bench: $*"; exit 1; }
+
+# --- tools ------------------------------------------------------------------
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+[ -x "$NGINX" ] || missing+=(nginx)
+command -v curl >/dev/null || missing+=(curl)
+command -v python3 >/dev/null || missing+=(python3)
+command -v taskset >/dev/null || missing+=(util-linux)
+if ((${#missing[@]})); then
+    say "installing ${missing[*]} from Debian packages"
+    sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+fi
+
+if [ "$SKIP_BUILD" != 1 ]; then
+    say "building token-sidecar (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --quiet)
+fi
+SIDECAR=${SIDECAR:-$ROOT/target/release/token-sidecar}
+[ -x "$SIDECAR" ] || die "no binary at $SIDECAR"
+
+# --- placement ----------------------------------------------------------------
+# The proxy under test gets a core of its own; the load generator and the
+# upstream share the rest. On 2 cores: proxy on 0, wrk and upstream on 1.
+ncpu=$(nproc)
+if [ "$ncpu" -ge 4 ]; then
+    : "${PROXY_CPUS:=0}" "${UPSTREAM_CPUS:=1}" "${LOAD_CPUS:=2-$((ncpu - 1))}"
+elif [ "$ncpu" -ge 2 ]; then
+    : "${PROXY_CPUS:=0}" "${UPSTREAM_CPUS:=1}" "${LOAD_CPUS:=1}"
+else
+    : "${PROXY_CPUS:=0}" "${UPSTREAM_CPUS:=0}" "${LOAD_CPUS:=0}"
+fi
+
+UP_PORT=$PORT_BASE
+NGINX_PORT=$((PORT_BASE + 1))
+SIDECAR_PORT=$((PORT_BASE + 2))
+ADMIN_PORT=$((PORT_BASE + 3))
+TOKEN_PORT=$((PORT_BASE + 4))
+python3 -c '
+import socket, sys
+for port in range(int(sys.argv[1]), int(sys.argv[1]) + 5):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+' "$PORT_BASE" 2>/dev/null || die "ports $PORT_BASE-$TOKEN_PORT are not all free on 127.0.0.1; set PORT_BASE"
+
+# --- scratch space and clean-up ---------------------------------------------
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/token-sidecar-bench.XXXXXX")
+chmod 755 "$WORK" # nginx workers may run as another user
+DATA_DIR=$WORK/data
+if [ -d /dev/shm ] && [ -w /dev/shm ]; then
+    DATA_DIR=$(mktemp -d /dev/shm/token-sidecar-bench.XXXXXX)
+    chmod 755 "$DATA_DIR"
+fi
+mkdir -p "$DATA_DIR"
+PIDS=()
+
+stop_pid() {
+    local pid=$1
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+    rm -rf "$DATA_DIR"
+    if [ "${KEEP_WORK:-0}" = 1 ]; then say "kept $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget_pid() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+wait_http() { # URL: until it answers 2xx, at most 10 s
+    for _ in $(seq 100); do
+        curl -sf -o /dev/null "$1" && return 0
+        sleep 0.1
+    done
+    die "$1 did not come up"
+}
+
+# --- fixtures -----------------------------------------------------------------
+TOKEN=$(python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import token_endpoint; print(token_endpoint.TOKEN)' "$BENCH")
+BODY='{"id":"b3f1c2d4-5e6f-4a7b-8c9d-0e1f2a3b4c5d","status":"APPROVED","amount":{"value":"125.00","currency":"EUR"},"merchant":"bench-merchant-0001","created":"2024-05-01T12:00:00Z","tags":["bench","static"]}'
+say "creating a ${STREAM_MIB} MiB file in $DATA_DIR"
+dd if=/dev/zero of="$DATA_DIR/big.bin" bs=1M count="$STREAM_MIB" status=none
+
+cat >"$WORK/upstream.conf" <<EOF
+worker_processes 1;
+pid $WORK/upstream.pid;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    # The 1 KiB bearer header does not fit nginx's default 1k buffer, which
+    # then leaks and slows down: give it 4k.
+    client_header_buffer_size 4k;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    sendfile on;
+    server {
+        listen 127.0.0.1:$UP_PORT backlog=4096;
+        location = /big.bin { root $DATA_DIR; }
+        location / {
+            default_type application/json;
+            return 200 '$BODY';
+        }
+    }
+}
+EOF
+
+cat >"$WORK/nginx-proxy.conf" <<EOF
+worker_processes 1;
+pid $WORK/nginx-proxy.pid;
+events { worker_connections 8192; }
+http {
+    access_log $WORK/nginx-access.log;   # combined format, one write per request
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    client_body_temp_path $WORK/nginx-client-body;
+    proxy_temp_path $WORK/nginx-proxy-temp;
+    upstream backend {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 1024;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer $TOKEN";
+            # Stream large answers through memory buffers, never a temp file.
+            proxy_max_temp_file_size 0;
+        }
+    }
+}
+EOF
+
+cat >"$WORK/sidecar.toml" <<EOF
+[proxy]
+listen = ["127.0.0.1:$SIDECAR_PORT"]
+upstream = "http://127.0.0.1:$UP_PORT/"
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+[oauth]
+token_url = "http://127.0.0.1:$TOKEN_PORT/oauth/token"
+client_id = "bench"
+username = "bench"
+EOF
+export TOKEN_SIDECAR_OAUTH__CLIENT_SECRET=bench-secret
+export TOKEN_SIDECAR_OAUTH__PASSWORD=bench-password
+
+# --- process helpers ----------------------------------------------------------
+start_nginx() { # CONF CPUS NAME -> sets STARTED (master pid)
+    taskset -c "$2" "$NGINX" -p "$WORK" -e "$WORK/$3-error.log" -c "$1" -g 'daemon off;' \
+        >>"$WORK/$3-error.log" 2>&1 &
+    STARTED=$!
+    PIDS+=("$STARTED")
+}
+
+nginx_worker() { # MASTER -> the worker's pid (worker_processes 1)
+    local w
+    for _ in $(seq 100); do
+        w=$(cat "/proc/$1/task/$1/children" 2>/dev/null | awk '{print $1}')
+        [ -n "$w" ] && { echo "$w"; return; }
+        sleep 0.05
+    done
+    die "nginx $1 has no worker"
+}
+
+start_sidecar() { # -> sets STARTED
+    taskset -c "$PROXY_CPUS" "$SIDECAR" --config "$WORK/sidecar.toml" >"$WORK/sidecar.log" 2>&1 &
+    STARTED=$!
+    PIDS+=("$STARTED")
+    wait_http "http://127.0.0.1:$ADMIN_PORT/readyz"
+}
+
+cpu_ticks() { # PID -> utime+stime in clock ticks (all threads)
+    sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'
+}
+
+vm_hwm_kib() { # PID -> peak resident set size, KiB
+    awk '/^VmHWM:/ {print $2}' "/proc/$1/status"
+}
+
+tree_hwm_kib() { # PID -> peak RSS of PID plus that of its children, KiB
+    local total pid
+    total=$(vm_hwm_kib "$1")
+    for pid in $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
+        total=$((total + $(vm_hwm_kib "$pid")))
+    done
+    echo "$total"
+}
+
+# --- one measurement ----------------------------------------------------------
+RESULTS=$WORK/results.tsv
+STREAM_RESULTS=$WORK/stream.tsv
+: >"$RESULTS"
+: >"$STREAM_RESULTS"
+
+# Starts TARGET's server; sets URL, MEASURE_PID (whose CPU and RSS count),
+# TREE_PID (the whole server: nginx's master and worker) and STOP_PID.
+start_target() {
+    case $1 in
+    direct)
+        URL=http://127.0.0.1:$UP_PORT
+        MEASURE_PID=$UPSTREAM_WORKER
+        TREE_PID=$UPSTREAM_MASTER
+        STOP_PID=
+        ;;
+    nginx)
+        rm -f "$WORK/nginx-access.log"
+        start_nginx "$WORK/nginx-proxy.conf" "$PROXY_CPUS" nginx-proxy
+        STOP_PID=$STARTED
+        TREE_PID=$STARTED
+        URL=http://127.0.0.1:$NGINX_PORT
+        wait_http "$URL/"
+        MEASURE_PID=$(nginx_worker "$STOP_PID")
+        ;;
+    token-sidecar)
+        start_sidecar
+        STOP_PID=$STARTED
+        TREE_PID=$STARTED
+        MEASURE_PID=$STARTED
+        URL=http://127.0.0.1:$SIDECAR_PORT
+        ;;
+    esac
+}
+
+stop_target() {
+    if [ -n "$STOP_PID" ]; then
+        stop_pid "$STOP_PID"
+        forget_pid "$STOP_PID"
+    fi
+}
+
+wrk_field() { # OUTPUT FIELD
+    case $2 in
+    requests) awk '/requests in/ {print $1}' <<<"$1" ;;
+    rps) awk '/^Requests\/sec:/ {print $2}' <<<"$1" ;;
+    p50 | p99)
+        # "     99%    3.21ms" -> milliseconds
+        awk -v q="${2#p}%" '$1 == q {
+            v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
+            f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : 1
+            printf "%.3f\n", v * f
+        }' <<<"$1"
+        ;;
+    errors)
+        awk '/Non-2xx/ {n += $NF} /Socket errors/ {
+            for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+,?$/) { sub(/,/, "", $i); n += $i } }
+            END {print n + 0}' <<<"$1"
+        ;;
+    esac
+}
+
+measure() { # ROUND TARGET CONNS
+    local round=$1 target=$2 conns=$3 out t0 t1 requests
+    start_target "$target"
+    taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$conns" -d"${WARMUP}s" "$URL/" >/dev/null
+    t0=$(cpu_ticks "$MEASURE_PID")
+    out=$(taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" --latency "$URL/")
+    t1=$(cpu_ticks "$MEASURE_PID")
+    requests=$(wrk_field "$out" requests)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$conns" \
+        "$(wrk_field "$out" rps)" "$(wrk_field "$out" p50)" "$(wrk_field "$out" p99)" \
+        "$requests" "$((t1 - t0))" "$(vm_hwm_kib "$MEASURE_PID")" "$(wrk_field "$out" errors)" \
+        "$(tree_hwm_kib "$TREE_PID")" >>"$RESULTS"
+    say "$(tail -n1 "$RESULTS" | awk -F'\t' '{printf "round %s %-13s c=%-4s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  errors %s", $1, $2, $3, $4, $5, $6, $10}')"
+    stop_target
+}
+
+stream() { # ROUND TARGET
+    local round=$1 target=$2 out
+    start_target "$target"
+    out=$(taskset -c "$LOAD_CPUS" curl -sf -o /dev/null -w '%{speed_download} %{size_download}' "$URL/big.bin")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "${out% *}" "${out#* }" \
+        "$(vm_hwm_kib "$MEASURE_PID")" "$(tree_hwm_kib "$TREE_PID")" >>"$STREAM_RESULTS"
+    say "$(tail -n1 "$STREAM_RESULTS" | awk -F'\t' '{printf "round %s %-13s stream %7.0f MB/s (%s bytes)", $1, $2, $3 / 1e6, $4}')"
+    stop_target
+}
+
+# --- run ----------------------------------------------------------------------
+say "placement: proxy on CPU $PROXY_CPUS, upstream on CPU $UPSTREAM_CPUS, wrk on CPU $LOAD_CPUS"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+
+python3 "$BENCH/token_endpoint.py" "$TOKEN_PORT" >"$WORK/token-endpoint.log" 2>&1 &
+PIDS+=("$!")
+start_nginx "$WORK/upstream.conf" "$UPSTREAM_CPUS" upstream
+UPSTREAM_MASTER=$STARTED
+wait_http "http://127.0.0.1:$UP_PORT/"
+UPSTREAM_WORKER=$(nginx_worker "$UPSTREAM_MASTER")
+
+TARGETS=(direct nginx token-sidecar)
+for round in $(seq "$ROUNDS"); do
+    for conns in $CONNS; do
+        # Rotate the order each round so no target always runs first.
+        for i in 0 1 2; do
+            measure "$round" "${TARGETS[$(((i + round + conns) % 3))]}" "$conns"
+        done
+    done
+    for i in 0 1 2; do
+        stream "$round" "${TARGETS[$(((i + round) % 3))]}"
+    done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+python3 "$BENCH/summarize.py" "$RESULTS" "$STREAM_RESULTS" "$(getconf CLK_TCK)" <<EOF
+machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
+load average before/after: $LOAD_BEFORE / $LOAD_AFTER
+placement: proxy on CPU $PROXY_CPUS, upstream on CPU $UPSTREAM_CPUS, wrk -t$WRK_THREADS on CPU $LOAD_CPUS
+rounds: $ROUNDS x ${DURATION}s (after ${WARMUP}s warm-up), connections: $CONNS, stream: $STREAM_MIB MiB
+versions: $("$NGINX" -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n1 | awk '{print $1, $2}'), $("$SIDECAR" --version)
+EOF

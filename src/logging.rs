@@ -11,6 +11,8 @@
 //! header fields, and hyper 1 logs nothing without its unstable `tracing`
 //! feature.
 
+mod json;
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
@@ -46,11 +48,9 @@ pub fn init(cfg: &LogConfig) {
         .with_ansi(std::io::stdout().is_terminal())
         .with_writer(std::io::stdout);
     let _ = if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init()
+        // The layout of `.json().flatten_event(true)`, written by a formatter
+        // that costs a tenth as much: one line per proxied request adds up.
+        builder.event_format(json::JsonFormat).try_init()
     } else {
         builder.try_init()
     };

@@ -423,8 +423,38 @@ fn is_local_host(host: &str) -> bool {
         || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// A fresh request id: 128 random bits in hex.
+/// A fresh request id: 128 random bits in hex (written by hand: `format!`
+/// costs more than the rest of this function together).
 fn new_request_id() -> HeaderValue {
-    let s = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::try_from(s).expect("hex digits are a valid header value")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let n = fastrand::u128(..);
+    let mut id = [0u8; 32];
+    for (i, d) in id.iter_mut().enumerate() {
+        *d = HEX[(n >> (124 - 4 * i) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_differ() {
+        let (a, b) = (new_request_id(), new_request_id());
+        for id in [&a, &b] {
+            let s = id.to_str().unwrap();
+            assert_eq!(s.len(), 32, "{s}");
+            assert!(
+                s.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+                "{s}"
+            );
+        }
+        assert_ne!(a, b);
+        fastrand::seed(7);
+        let n = fastrand::u128(..);
+        fastrand::seed(7);
+        assert_eq!(new_request_id().to_str().unwrap(), format!("{n:032x}"));
+    }
 }

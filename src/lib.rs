@@ -20,10 +20,10 @@
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status`, and two control
 //!   endpoints, on their own listener.
 //! - [`app`] assembles these; [`serve`] holds the accept loops and graceful
-//!   shutdown; [`lifecycle`] the draining state; [`metrics`] the Prometheus
-//!   registry; [`secret`] the redacting secret types; [`tls`] the one TLS
-//!   policy of both clients; [`fake`] the stand-in servers of the demo, soak
-//!   and tests.
+//!   shutdown; [`runtime`] the tokio scheduler; [`lifecycle`] the draining
+//!   state; [`metrics`] the Prometheus registry; [`secret`] the redacting
+//!   secret types; [`tls`] the one TLS policy of both clients; [`fake`] the
+//!   stand-in servers of the demo, soak and tests.
 //!
 //! # Token lifecycle
 //! Obtained with the password grant at start (requests wait up to
@@ -42,6 +42,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod runtime;
 pub mod secret;
 pub mod serve;
 pub mod tls;

@@ -77,9 +77,17 @@ fn main() -> ExitCode {
                 tracing::warn!("{w}");
             }
             raise_fd_limit();
+            // One worker: the current-thread scheduler (see runtime.rs).
+            let (workers, source) = app::worker_threads(loaded.config.runtime.worker_threads);
+            tracing::info!(worker_threads = workers, source, "starting the runtime");
             exit(
-                runtime(loaded.config.runtime.worker_threads)
-                    .and_then(|rt| rt.block_on(run(loaded.config))),
+                token_sidecar::runtime::block_on(
+                    workers,
+                    app::WORKER_THREAD_NAME,
+                    run(loaded.config),
+                )
+                .context("cannot build the tokio runtime")
+                .and_then(|r| r),
             )
         }
     }
@@ -112,7 +120,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The runtime of a running sidecar: [`app::worker_threads`] workers, named
+/// The runtime of the demo: [`app::worker_threads`] workers, named
 /// [`app::WORKER_THREAD_NAME`] so `top -H` and `/proc/PID/task/*/comm` show
 /// which threads are ours.
 fn runtime(configured: usize) -> anyhow::Result<tokio::runtime::Runtime> {

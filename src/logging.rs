@@ -12,8 +12,10 @@
 //! feature.
 
 mod json;
+pub mod writer;
 
 use std::io::IsTerminal;
+use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
@@ -35,6 +37,16 @@ pub fn filter(level: &str) -> EnvFilter {
     filter
 }
 
+/// The writer of the global subscriber, for [`flush`].
+static STDOUT: OnceLock<writer::LogWriter<std::io::Stdout>> = OnceLock::new();
+
+/// Writes the access-log lines that wait (see [`writer`]); called before exit.
+pub fn flush() {
+    if let Some(w) = STDOUT.get() {
+        w.flush_pending();
+    }
+}
+
 /// Installs the global subscriber (once per process).
 pub fn init(cfg: &LogConfig) {
     let json = match cfg.format {
@@ -46,7 +58,7 @@ pub fn init(cfg: &LogConfig) {
         .with_env_filter(filter(&cfg.level))
         // Colour codes only for a person at a terminal, never in a log file.
         .with_ansi(std::io::stdout().is_terminal())
-        .with_writer(std::io::stdout);
+        .with_writer(STDOUT.get_or_init(writer::LogWriter::stdout).clone());
     let _ = if json {
         // The layout of `.json().flatten_event(true)`, written by a formatter
         // that costs a tenth as much: one line per proxied request adds up.

@@ -14,7 +14,8 @@ use std::future::Future;
 use std::io;
 
 /// Runs `fut` to completion on a runtime with `workers` worker threads named
-/// `thread_name` (the calling thread only waits).
+/// `thread_name` (the calling thread only waits), then writes the log lines
+/// that wait ([`crate::logging::flush`]).
 pub fn block_on<F>(workers: usize, thread_name: &str, fut: F) -> io::Result<F::Output>
 where
     F: Future + Send + 'static,
@@ -26,7 +27,9 @@ where
             .thread_name(thread_name)
             .enable_all()
             .build()?;
-        return Ok(rt.block_on(fut));
+        let out = rt.block_on(fut);
+        crate::logging::flush();
+        return Ok(out);
     }
     // The worker is a thread of its own, as with the multi-thread scheduler,
     // so thread listings show the same names either way.
@@ -40,7 +43,9 @@ where
                 .build()
                 .map(|rt| rt.block_on(fut))
         })?;
-    match worker.join() {
+    let joined = worker.join();
+    crate::logging::flush();
+    match joined {
         Ok(result) => result,
         // The panic was already reported by the hook; carry it on.
         Err(panic) => std::panic::resume_unwind(panic),

@@ -32,83 +32,124 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
-        let mut ts = [0u8; TIMESTAMP_LEN];
-        timestamp(SystemTime::now(), &mut ts);
-        writer.write_str("{\"timestamp\":\"")?;
-        // Only ASCII digits and punctuation were written into `ts`.
-        writer.write_str(std::str::from_utf8(&ts).map_err(|_| fmt::Error)?)?;
-        writer.write_str("\",\"level\":\"")?;
-        writer.write_str(meta.level().as_str())?;
-        writer.write_char('"')?;
-        let mut fields = Fields {
-            out: &mut writer,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writer.write_str(",\"target\":")?;
-        write_escaped(&mut writer, meta.target())?;
-        writer.write_str("}\n")
+        // The line is built in a reused buffer with inlined appends, then
+        // handed over in one call: a dynamic call per piece cost more than
+        // the pieces. Taken out of the cell, so a `Debug` that logs is safe.
+        let mut line = LINE.take();
+        line.clear();
+        let result = format_line(&mut line, event);
+        let written = result.and_then(|()| writer.write_str(&line));
+        if line.capacity() <= 64 * 1024 {
+            LINE.set(line);
+        }
+        written
     }
+}
+
+thread_local! {
+    static LINE: Cell<String> = const { Cell::new(String::new()) };
+}
+
+fn format_line(line: &mut String, event: &Event<'_>) -> fmt::Result {
+    let meta = event.metadata();
+    let mut ts = [0u8; TIMESTAMP_LEN];
+    timestamp(SystemTime::now(), &mut ts);
+    line.push_str("{\"timestamp\":\"");
+    // Only ASCII digits and punctuation were written into `ts`.
+    line.push_str(std::str::from_utf8(&ts).map_err(|_| fmt::Error)?);
+    line.push_str("\",\"level\":\"");
+    line.push_str(meta.level().as_str());
+    line.push('"');
+    let mut fields = Fields {
+        out: line,
+        result: Ok(()),
+    };
+    event.record(&mut fields);
+    fields.result?;
+    line.push_str(",\"target\":");
+    write_escaped(line, meta.target())?;
+    line.push_str("}\n");
+    Ok(())
 }
 
 /// Writes each field as `,"name":value`.
-struct Fields<'a, 'w> {
-    out: &'a mut Writer<'w>,
+struct Fields<'a> {
+    out: &'a mut String,
     result: fmt::Result,
 }
 
-impl Fields<'_, '_> {
-    fn key(&mut self, field: &Field) -> fmt::Result {
-        self.out.write_char(',')?;
-        write_escaped(self.out, field.name())?;
-        self.out.write_char(':')
-    }
-
-    fn put(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
+impl Fields<'_> {
+    fn put(&mut self, field: &Field, value: impl FnOnce(&mut String) -> fmt::Result) {
         if self.result.is_ok() {
-            self.result = self.key(field).and_then(|()| value(self.out));
+            self.out.push(',');
+            self.result = write_escaped(self.out, field.name()).and_then(|()| {
+                self.out.push(':');
+                value(self.out)
+            });
         }
     }
 }
 
-impl Visit for Fields<'_, '_> {
+impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.put(field, |w| write_escaped(w, value));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.put(field, |w| w.write_str(if value { "true" } else { "false" }));
+        self.put(field, |w| {
+            w.push_str(if value { "true" } else { "false" });
+            Ok(())
+        });
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.put(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+        self.put(field, |w| {
+            w.push_str(itoa::Buffer::new().format(value));
+            Ok(())
+        });
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.put(field, |w| w.write_str(itoa::Buffer::new().format(value)));
+        self.put(field, |w| {
+            w.push_str(itoa::Buffer::new().format(value));
+            Ok(())
+        });
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         // serde_json: shortest round-trip form, `null` when not finite.
         self.put(field, |w| {
             if value.is_finite() {
-                w.write_str(ryu::Buffer::new().format_finite(value))
+                w.push_str(ryu::Buffer::new().format_finite(value));
             } else {
-                w.write_str("null")
+                w.push_str("null");
             }
+            Ok(())
         });
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.put(field, |w| {
-            w.write_char('"')?;
-            write!(Escaper(w), "{value:?}")?;
-            w.write_char('"')
+            w.push('"');
+            write!(Escaper(&mut *w), "{value:?}")?;
+            w.push('"');
+            Ok(())
         });
     }
 }
+
+/// Bytes that JSON strings escape: `"`, `\\` and the C0 controls.
+static NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
 
 /// Escapes what passes through it as the inside of a JSON string.
 struct Escaper<'a, W: fmt::Write>(&'a mut W);
@@ -117,7 +158,7 @@ impl<W: fmt::Write> fmt::Write for Escaper<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let bytes = s.as_bytes();
         // Most strings need no escaping: one scan, one write.
-        if !bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
+        if !bytes.iter().any(|&b| NEEDS_ESCAPE[b as usize]) {
             return self.0.write_str(s);
         }
         let mut start = 0;

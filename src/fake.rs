@@ -44,6 +44,35 @@ impl Scripted {
             delay: Duration::ZERO,
         }
     }
+
+    /// A non-JSON answer, e.g. a gateway's HTML error page.
+    pub fn text(status: u16, content_type: &'static str, body: &str) -> Self {
+        Scripted {
+            status,
+            body: body.to_owned(),
+            content_type,
+            delay: Duration::ZERO,
+        }
+    }
+
+    /// This answer, given only after `delay` (a hang when `delay` is longer
+    /// than the client waits).
+    pub fn after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+/// A fault the fake token endpoint answers *every* request with (after the
+/// script) until it is cleared: an outage, as opposed to a one-off answer.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// This answer, every time (with its delay: a hang).
+    Answer(Scripted),
+    /// `200` with a body of `bytes` spaces, streamed in 64 KiB chunks that
+    /// share one buffer (the fake holds 64 KiB whatever the size); with
+    /// `chunked`, no `Content-Length` announces the size.
+    Flood { bytes: u64, chunked: bool },
 }
 
 /// A token request as the fake token endpoint saw it on the wire.
@@ -93,11 +122,25 @@ pub struct WorldState {
     pub check_tokens: bool,
     /// Answers to give before normal ones, in order.
     pub script: VecDeque<Scripted>,
+    /// While set, every token request (once the script is used up) gets this.
+    pub fault: Option<Fault>,
+    /// Edits every successful token answer (drop `expires_in`, change
+    /// `token_type`, ...) without changing the token the backoffice accepts.
+    pub edit_answer: Option<fn(&mut serde_json::Value)>,
+    /// Issue access tokens as unsigned JWTs carrying their `exp`.
+    pub jwt_access_tokens: bool,
+    /// When the last access token was issued.
+    pub last_issued_at: Option<Instant>,
     pub seen: Vec<SeenRequest>,
     pub password_grants: u64,
     pub refresh_grants: u64,
     pub backoffice_requests: u64,
     pub backoffice_401s: u64,
+    /// 401s for a token the backoffice issued that had expired: the sidecar
+    /// must never send one.
+    pub backoffice_401_expired: u64,
+    /// 401s for a token revoked before its expiry.
+    pub backoffice_401_revoked: u64,
     access: HashMap<String, Issued>,
     refresh: HashMap<String, Issued>,
     current_for_user: Option<(String, Option<String>)>,
@@ -120,11 +163,17 @@ impl World {
             one_token_per_user: false,
             check_tokens: true,
             script: VecDeque::new(),
+            fault: None,
+            edit_answer: None,
+            jwt_access_tokens: false,
+            last_issued_at: None,
             seen: Vec::new(),
             password_grants: 0,
             refresh_grants: 0,
             backoffice_requests: 0,
             backoffice_401s: 0,
+            backoffice_401_expired: 0,
+            backoffice_401_revoked: 0,
             access: HashMap::new(),
             refresh: HashMap::new(),
             current_for_user: None,
@@ -158,11 +207,21 @@ impl World {
         self.with(|w| w.refresh.values_mut().for_each(|t| t.revoked = true));
     }
 
-    fn access_valid(&self, token: &str) -> bool {
+    /// Checks a bearer token like a resource server; a rejection is counted
+    /// by its reason.
+    fn check_access(&self, token: &str) -> bool {
         self.with(|w| {
-            w.access
-                .get(token)
-                .is_some_and(|t| !t.revoked && t.expires > Instant::now())
+            let (valid, expired, revoked) = match w.access.get(token) {
+                Some(t) if t.expires <= Instant::now() => (false, true, false),
+                Some(t) => (!t.revoked, false, t.revoked),
+                None => (false, false, false),
+            };
+            if !valid {
+                w.backoffice_401s += 1;
+                w.backoffice_401_expired += u64::from(expired);
+                w.backoffice_401_revoked += u64::from(revoked);
+            }
+            valid
         })
     }
 
@@ -259,7 +318,12 @@ impl WorldState {
         let n = self.counter;
         let now = Instant::now();
         let lifetime = Duration::from_secs_f64(self.expires_in.max(0.0));
-        let at = format!("fake-access-{n}-{:016x}", fastrand::u64(..));
+        let at = if self.jwt_access_tokens {
+            unsigned_jwt(n, lifetime)
+        } else {
+            format!("fake-access-{n}-{:016x}", fastrand::u64(..))
+        };
+        self.last_issued_at = Some(now);
         self.access.insert(
             at.clone(),
             Issued {
@@ -279,8 +343,27 @@ impl WorldState {
             rt
         });
         self.current_for_user = Some((at.clone(), rt.clone()));
-        (200, token_json(&at, rt.as_deref(), self.expires_in))
+        let mut answer = token_json(&at, rt.as_deref(), self.expires_in);
+        if let Some(edit) = self.edit_answer {
+            edit(&mut answer);
+        }
+        (200, answer)
     }
+}
+
+/// `header.payload.sig` with an `exp` claim `lifetime` from now; the
+/// signature is a placeholder (the sidecar reads `exp` without verifying).
+fn unsigned_jwt(n: u64, lifetime: Duration) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        + lifetime;
+    let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let claims = URL_SAFE_NO_PAD.encode(
+        json!({"exp": exp.as_secs(), "jti": format!("{n}-{:016x}", fastrand::u64(..))}).to_string(),
+    );
+    format!("{header}.{claims}.fake-signature")
 }
 
 fn token_json(at: &str, rt: Option<&str>, expires_in: f64) -> serde_json::Value {
@@ -394,11 +477,18 @@ pub async fn token_endpoint(world: Arc<World>, addr: SocketAddr) -> std::io::Res
             };
             let scripted = world.with(|w| {
                 w.seen.push(seen.clone());
-                w.script.pop_front()
+                w.script
+                    .pop_front()
+                    .map(Fault::Answer)
+                    .or_else(|| w.fault.clone())
             });
-            if let Some(s) = scripted {
-                tokio::time::sleep(s.delay).await;
-                return respond(s.status, s.content_type, Bytes::from(s.body));
+            match scripted {
+                Some(Fault::Answer(s)) => {
+                    tokio::time::sleep(s.delay).await;
+                    return respond(s.status, s.content_type, Bytes::from(s.body));
+                }
+                Some(Fault::Flood { bytes, chunked }) => return flood(bytes, chunked),
+                None => {}
             }
             let (status, body) = world.token_answer(&seen);
             respond(
@@ -428,8 +518,7 @@ pub async fn backoffice(world: Arc<World>, addr: SocketAddr) -> std::io::Result<
                 w.backoffice_requests += 1;
                 w.check_tokens
             });
-            if check && !world.access_valid(&token) {
-                world.with(|w| w.backoffice_401s += 1);
+            if check && !world.check_access(&token) {
                 let mut r = respond(
                     401,
                     "application/json",
@@ -459,6 +548,29 @@ pub async fn backoffice(world: Arc<World>, addr: SocketAddr) -> std::io::Result<
         }
     })
     .await
+}
+
+/// A `200` whose body is `bytes` spaces (valid JSON white space, never a
+/// complete document), all chunks sharing one 64 KiB buffer.
+fn flood(bytes: u64, chunked: bool) -> Response<ProxyBody> {
+    const CHUNK: usize = 64 * 1024;
+    static SPACES: [u8; CHUNK] = [b' '; CHUNK];
+    let full = Bytes::from_static(&SPACES);
+    let mut chunks = vec![full.clone(); (bytes / CHUNK as u64) as usize];
+    chunks.push(full.slice(..(bytes % CHUNK as u64) as usize));
+    let mut r = Response::new(ProxyBody::chunks(chunks));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if chunked {
+        // An explicit Transfer-Encoding keeps hyper from announcing the length.
+        r.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    r
 }
 
 fn respond(status: u16, content_type: &'static str, body: Bytes) -> Response<ProxyBody> {

@@ -241,15 +241,11 @@ pub fn parse_token_response(
 ) -> Result<TokenResponse, TokenError> {
     let json: Option<Value> = serde_json::from_slice(body).ok();
     if !(200..300).contains(&status) {
-        let code = json
-            .as_ref()
-            .and_then(|j| j.get("error"))
-            .and_then(Value::as_str)
-            .filter(|c| !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()));
+        let code = json.as_ref().and_then(|j| error_code(j, known));
         return Err(match code {
             Some(code) => TokenError::Rejected {
                 status,
-                code: code.to_owned(),
+                code,
                 description: json
                     .as_ref()
                     .and_then(|j| j.get("error_description"))
@@ -274,13 +270,9 @@ pub fn parse_token_response(
         .ok_or(TokenError::Invalid("not a JSON object"))?;
     if obj.contains_key("error") {
         // Some servers answer 200 with an error body.
-        let code = obj
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or("unknown_error");
         return Err(TokenError::Rejected {
             status,
-            code: code.chars().take(64).collect(),
+            code: error_code(&json, known).unwrap_or_else(|| "unknown_error".into()),
             description: obj
                 .get("error_description")
                 .and_then(Value::as_str)
@@ -336,6 +328,16 @@ pub fn parse_token_response(
         refresh_token,
         scope: obj.get("scope").and_then(Value::as_str).map(str::to_owned),
     })
+}
+
+/// The OAuth `error` code of an answer, if it looks like one (short, printable
+/// ASCII). It goes to logs and `/status` like the description, so it is
+/// redacted the same way: a server may put anything there.
+fn error_code(json: &Value, known: &[&str]) -> Option<String> {
+    json.get("error")
+        .and_then(Value::as_str)
+        .filter(|c| !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
+        .map(|c| redact_text(c, known))
 }
 
 /// The `exp` claim of a JWT, read without verifying it: the sidecar only

@@ -103,7 +103,9 @@ pub const DESCRIPTION_MAX_CHARS: usize = 200;
 /// characters (percent-escapes included) is replaced; and the result is cut
 /// to [`DESCRIPTION_MAX_CHARS`].
 pub fn redact_text(text: &str, known: &[&str]) -> String {
-    let mut out = text.to_owned();
+    // Control characters go first: dropped after the replacement below, they
+    // would join the halves of a secret split by them.
+    let mut out: String = text.chars().filter(|c| !c.is_control()).collect();
     for secret in known.iter().filter(|s| s.len() >= 3) {
         for form in encoded_forms(secret) {
             out = out.replace(&form, "[redacted]");

@@ -29,3 +29,19 @@ fn token_response_error_code_is_redacted() {
     let text = token_error_text(200, b"{\"error\":\"bad\\ncode\"}");
     assert!(text.contains("unknown_error"), "{text}");
 }
+
+/// token_response: `redact_text` replaced known secrets before dropping
+/// control characters, so a secret split by them ("s3" DEL... "cr3t-pass")
+/// came out whole. Shortened from crash-b227c300.
+#[test]
+fn token_response_secret_split_by_control_characters_is_redacted() {
+    let mut body =
+        br#"{"error":"invalid_token","error_description":"Invalid refresh token: s3"#.to_vec();
+    body.extend_from_slice(&[0x7f; 40]);
+    body.extend_from_slice(br#"cr3t-pass and client-s3"#);
+    body.extend_from_slice(b"\\u0000\\t");
+    body.extend_from_slice(br#"cr3t"}"#);
+    let text = token_error_text(200, &body);
+    assert!(!text.contains("s3cr3t-pass"), "{text}");
+    assert!(!text.contains("client-s3cr3t"), "{text}");
+}

@@ -987,7 +987,7 @@ async fn client_sends_10000_headers() {
     }
     req.extend_from_slice(b"\r\n");
     let status = raw_status(rig.proxy, req).await;
-    assert!(matches!(status, Some(431) | Some(400)), "{status:?}");
+    assert_eq!(status, Some(431));
     rig.wait_ok("/api/x").await;
     rig.assert_no_leak().await;
 }
@@ -1001,7 +1001,7 @@ async fn client_sends_a_1_mib_header() {
     req.extend_from_slice(&vec![b'b'; 1 << 20]);
     req.extend_from_slice(b"\r\n\r\n");
     let status = raw_status(rig.proxy, req).await;
-    assert!(matches!(status, Some(431) | Some(400)), "{status:?}");
+    assert_eq!(status, Some(431));
     rig.wait_ok("/api/x").await;
     rig.assert_no_leak().await;
 }
@@ -1018,11 +1018,7 @@ async fn client_sends_a_malformed_request_line() {
         b"\x00\x01\x02 / HTTP/1.1\r\n\r\n",
     ] {
         let status = raw_status(rig.proxy, line.to_vec()).await;
-        assert!(
-            matches!(status, Some(400) | Some(505)),
-            "{:?} -> {status:?}",
-            String::from_utf8_lossy(line)
-        );
+        assert_eq!(status, Some(400), "{:?}", String::from_utf8_lossy(line));
     }
     assert_eq!(
         world.with(|w| w.backoffice_requests),

@@ -698,6 +698,7 @@ where
             idle_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
             http2: false,
+            write_stall_timeout: None,
         },
         move |_req: Request<Incoming>, _peer| {
             let n = c.fetch_add(1, Ordering::SeqCst);

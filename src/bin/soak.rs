@@ -4,16 +4,19 @@
 //! Run it with `bench/soak.sh [DURATION_SECS]`.
 //!
 //! Tokens live `--lifetime` seconds (2 s by default, so a 60 s run spans 30
-//! lifetimes). Such short tokens are refreshed at half their lifetime (the
+//! lifetimes). Such short tokens are refreshed just before half their
+//! lifetime (0.90-1.00 s for 2 s: the band slides below the
 //! `refresh.min_remaining` cap) and injected until 90% of it (the default
-//! expiry margin), so after each planned refresh there is a window of 40% of
-//! the lifetime in which a retry still saves the token. Every fault of the
-//! main run is placed across a planned refresh and ends inside that window:
+//! expiry margin), so after each planned refresh there is a window of about
+//! 40% of the lifetime in which a retry still saves the token. Every fault of
+//! the main run is placed across the planned refresh and ends inside that
+//! window (the timing comes from `token::schedule`, the sidecar's own policy):
 //!
 //! - token endpoint answers 500 for 1 s (half a second either side of the
 //!   refresh);
-//! - token endpoint hangs (answers after 5 s, past `oauth.timeout`) for the
-//!   requests that arrive in the half-second before and after the refresh;
+//! - token endpoint hangs (answers after 5 s, past `oauth.timeout` of
+//!   300 ms) for the requests that arrive from 0.2 s before to 0.3 s after
+//!   the planned refresh;
 //! - every live access token revoked at the backoffice (in-flight requests
 //!   meet 401 `invalid_token` and are replayed);
 //! - the backoffice password changed and the password file rotated by a
@@ -187,6 +190,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         .refresh;
     let mean_interval = schedule::mean_refresh_after(lifetime, &refresh_cfg);
     let planned = schedule::refresh_after(lifetime, 0.5, &refresh_cfg);
+    let band = (
+        schedule::refresh_after(lifetime, 0.0, &refresh_cfg),
+        schedule::refresh_after(lifetime, 1.0, &refresh_cfg),
+    );
     let usable = lifetime - schedule::expiry_margin(lifetime, &refresh_cfg);
 
     let log_path = dir.join("sidecar.log");
@@ -212,6 +219,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             duration,
             mean_interval,
             planned,
+            band,
             usable,
         },
         &log_path,
@@ -242,8 +250,10 @@ struct Plan {
     duration: Duration,
     /// Mean time between two refreshes (`schedule::mean_refresh_after`).
     mean_interval: Duration,
-    /// When a refresh is due, counted from the grant.
+    /// When a refresh is due, counted from the grant: the middle of `band`.
     planned: Duration,
+    /// Earliest and latest refresh the schedule plans.
+    band: (Duration, Duration),
     /// How long a token is injected, counted from the grant.
     usable: Duration,
 }
@@ -400,7 +410,7 @@ async fn drive(
     let recovery = first_ok_after.map(|t| t.saturating_duration_since(outage_over));
 
     println!(
-        "soak: {dur}s main run, token lifetime {lt}s (refreshed at {pl:.2}s, injected until {us:.2}s; {lifetimes:.0} lifetimes), {clients} clients; \
+        "soak: {dur}s main run, token lifetime {lt}s (refreshed at {b0:.2}-{b1:.2}s, injected until {us:.2}s; {lifetimes:.0} lifetimes), {clients} clients; \
          faults: token-500x1s={f500} token-hang={fhang} revoke-access={fra} rotate-password={frot} revoke-refresh={frr}; \
          main: sent={sent} 2xx={ok} other={other}; \
          grants: password={password} refresh_token={refresh} (main run {grants_main}, bound {bound}), token requests {attempts}; \
@@ -409,7 +419,8 @@ async fn drive(
          peak RSS {rss:.1} MiB; latency p50={p50:.2}ms p99={p99:.2}ms max={max:.1}ms",
         dur = plan.duration.as_secs(),
         lt = plan.lifetime.as_secs_f64(),
-        pl = plan.planned.as_secs_f64(),
+        b0 = plan.band.0.as_secs_f64(),
+        b1 = plan.band.1.as_secs_f64(),
         us = plan.usable.as_secs_f64(),
         clients = args.clients,
         f500 = count(Injection::Token500),

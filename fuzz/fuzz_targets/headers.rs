@@ -7,7 +7,9 @@
 use arbitrary::Arbitrary;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use token_sidecar::proxy::headers::{rewrite_locations, rewrite_request, strip_hop_by_hop};
+use token_sidecar::proxy::headers::{
+    rewrite_locations, rewrite_request, strip_hop_by_hop, Forwarded,
+};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -109,8 +111,18 @@ fuzz_target!(|input: Input| {
         }
     } else {
         let bearer = HeaderValue::from_static("Bearer fuzz-token");
-        let forwarded = input.forwarded.then_some(("127.0.0.1", "http"));
-        rewrite_request(&mut h, bearer.clone(), input.upgrade, forwarded);
+        let forwarded = input.forwarded.then_some(Forwarded {
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            authority: Some("localhost:7080"),
+        });
+        let host = rewrite_request(&mut h, bearer.clone(), input.upgrade, forwarded);
+        if let Some(host) = host {
+            assert_eq!(
+                Some(&host),
+                original.get(header::HOST),
+                "the client's Host is returned"
+            );
+        }
         let auth: Vec<_> = h.get_all(header::AUTHORIZATION).iter().collect();
         assert_eq!(auth, [&bearer], "exactly our bearer token goes upstream");
         assert!(!h.contains_key(header::PROXY_AUTHORIZATION));

@@ -138,7 +138,12 @@ impl Proxy {
             Ok(resp) => resp,
             Err(e) => {
                 self.metrics.local_response(e.code());
-                if e.status().is_server_error() {
+                // token_unavailable is not logged per request: during an
+                // outage that would be a line per request (thousands a second),
+                // and the refresher already logs the cause once per attempt.
+                // The access log and the metric still count every one.
+                let token_unavailable = matches!(e, ProxyError::TokenUnavailable { .. });
+                if e.status().is_server_error() && !token_unavailable {
                     warn!(error = e.code(), request_id = request_id.to_str().unwrap_or("-"),
                         cause = %crate::token::refresher::error_chain(&e), "answered by the sidecar");
                 } else {

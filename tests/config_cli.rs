@@ -420,32 +420,8 @@ async fn fakes_and_config(
     let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     let auth = fake::token_endpoint(world.clone(), loopback).await.unwrap();
     let api = fake::backoffice(world.clone(), loopback).await.unwrap();
-    let (id, secret, user) = world.with(|w| {
-        (
-            w.client_id.clone(),
-            w.client_secret.clone(),
-            w.username.clone(),
-        )
-    });
-    let toml = format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-upstream = "{upstream}"
-[admin]
-listen = "127.0.0.1:0"
-[oauth]
-token_url = "{token_url}"
-client_id = "{id}"
-client_secret = "{secret}"
-username = "{user}"
-{oauth_tail}
-[log]
-format = "text"
-"#,
-        upstream = api.url("/"),
-        token_url = auth.url("/oauth/token"),
-    );
+    let base = support::base_toml_without_password(world, &auth.url("/oauth/token"), &api.url("/"));
+    let toml = base.replace("[log]", &format!("{oauth_tail}\n[log]"));
     let path = write(dir, "sidecar.toml", &toml);
     (auth, api, path)
 }

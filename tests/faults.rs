@@ -117,36 +117,13 @@ fn assert_no_secret(what: &str, text: &str, secrets: &[String]) {
 // ---------------------------------------------------------------------------
 // A sidecar in front of configurable token endpoint and upstream
 
-/// The base config: ephemeral loopback ports, the fake world's credentials.
-fn base_toml(world: &World, token_url: &str, upstream: &str) -> String {
-    let (id, secret, user) = world.with(|w| {
-        (
-            w.client_id.clone(),
-            w.client_secret.clone(),
-            w.username.clone(),
-        )
-    });
-    format!(
-        r#"
-[proxy]
-listen = "127.0.0.1:0"
-upstream = "{upstream}"
-[admin]
-listen = "127.0.0.1:0"
-[oauth]
-token_url = "{token_url}"
-client_id = "{id}"
-client_secret = "{secret}"
-username = "{user}"
-"#
-    )
-}
-
 /// Base, then [`FAST`], then each of `extra` (separate documents, so each
 /// may open any table); one must set the password: see [`inline_password`].
 fn config(world: &World, token_url: &str, upstream: &str, extra: &[&str]) -> Config {
     let mut fig = Figment::new()
-        .merge(Toml::string(&base_toml(world, token_url, upstream)))
+        .merge(Toml::string(&support::base_toml_without_password(
+            world, token_url, upstream,
+        )))
         .merge(Toml::string(FAST));
     for e in extra {
         fig = fig.merge(Toml::string(e));

@@ -88,14 +88,21 @@ impl Harness {
 }
 
 /// The base test config: proxy and admin on ephemeral loopback ports,
-/// credentials matching the fake world's, fast retries.
+/// credentials matching the fake world's.
 pub fn base_toml(world: &World, token_url: &str, upstream: &str) -> String {
-    let (id, secret, user, password) = world.with(|w| {
+    let password = world.with(|w| w.password.clone());
+    let base = base_toml_without_password(world, token_url, upstream);
+    base.replace("[log]", &format!("password = \"{password}\"\n[log]"))
+}
+
+/// [`base_toml`] without `oauth.password`, for tests that supply the
+/// password another way (a file, an environment variable).
+pub fn base_toml_without_password(world: &World, token_url: &str, upstream: &str) -> String {
+    let (id, secret, user) = world.with(|w| {
         (
             w.client_id.clone(),
             w.client_secret.clone(),
             w.username.clone(),
-            w.password.clone(),
         )
     });
     format!(
@@ -110,7 +117,6 @@ token_url = "{token_url}"
 client_id = "{id}"
 client_secret = "{secret}"
 username = "{user}"
-password = "{password}"
 [log]
 format = "text"
 "#

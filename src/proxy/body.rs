@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
+use super::pool::Checkin;
 use crate::metrics::Metrics;
 
 /// An error while streaming a body.
@@ -58,6 +59,9 @@ pub struct ProxyBody {
     tee: Option<Tee>,
     idle: Option<Idle>,
     exchange: Option<(Arc<Exchange>, Direction)>,
+    /// The pooled upstream connection this response body comes from, handed
+    /// back when the body ends (dropped with the body otherwise).
+    checkin: Option<Checkin>,
 }
 
 struct Idle {
@@ -97,6 +101,22 @@ impl ProxyBody {
             tee: None,
             idle: None,
             exchange: None,
+            checkin: None,
+        }
+    }
+
+    /// Hands `checkin`'s connection back to the pool once this body has ended.
+    pub fn with_checkin(mut self, checkin: Option<Checkin>) -> Self {
+        match checkin {
+            Some(c) if self.source_ended() => c.done(),
+            c => self.checkin = c,
+        }
+        self
+    }
+
+    fn checkin(&mut self) {
+        if let Some(c) = self.checkin.take() {
+            c.done();
         }
     }
 
@@ -207,13 +227,23 @@ impl Body for ProxyBody {
                     // may never come as `None`: hand the copy over now.
                     if this.source_ended() {
                         this.finish_tee();
+                        this.checkin();
                     }
                 } else {
                     this.tee = None; // trailers: a replay could not carry them
+                    if this.source_ended() {
+                        this.checkin();
+                    }
                 }
             }
-            Some(Err(_)) => this.tee = None,
-            None => this.finish_tee(),
+            Some(Err(_)) => {
+                this.tee = None;
+                this.checkin = None; // the connection is closed with it
+            }
+            None => {
+                this.finish_tee();
+                this.checkin();
+            }
         }
         Poll::Ready(item)
     }

@@ -6,16 +6,19 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
 
+/// A failed upstream exchange: from the HTTP/1.1 pool or hyper-util's client.
+pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no valid access token is available; retry later")]
     TokenUnavailable { retry_after: u64 },
     #[error("the upstream could not be reached")]
-    UpstreamUnavailable(#[source] hyper_util::client::legacy::Error),
+    UpstreamUnavailable(#[source] UpstreamError),
     #[error(
         "TLS handshake with the upstream failed (check proxy.ca_file and the upstream certificate)"
     )]
-    UpstreamTls(#[source] hyper_util::client::legacy::Error),
+    UpstreamTls(#[source] UpstreamError),
     #[error("the upstream did not send response headers within proxy.request_timeout")]
     UpstreamTimeout,
     /// The client stopped sending its request body for `proxy.body_idle_timeout`.
@@ -23,7 +26,7 @@ pub enum ProxyError {
     ClientBodyTimeout,
     /// The client's request body broke off or was malformed.
     #[error("the request body could not be read")]
-    ClientBody(#[source] hyper_util::client::legacy::Error),
+    ClientBody(#[source] UpstreamError),
     #[error("{0}")]
     BadRequest(&'static str),
     #[error("method not allowed through this proxy")]

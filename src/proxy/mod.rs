@@ -14,6 +14,7 @@ pub mod egress;
 pub mod error;
 pub mod headers;
 pub mod path;
+pub mod pool;
 pub mod stall;
 
 use std::net::{IpAddr, SocketAddr};
@@ -38,7 +39,7 @@ use body::{BodyError, Direction, Exchange, ProxyBody};
 pub use error::ProxyError;
 use headers::X_REQUEST_ID;
 
-type UpstreamClient = Client<HttpsConnector<egress::Connector>, ProxyBody>;
+type UpstreamClient<C = HttpsConnector<egress::Connector>> = Client<C, ProxyBody>;
 
 /// Why the proxy cannot be built from its config and environment.
 #[derive(Debug, thiserror::Error)]
@@ -64,10 +65,13 @@ pub struct Proxy {
     cfg: ProxyConfig,
     token: Arc<TokenHandle>,
     metrics: Arc<Metrics>,
-    /// HTTP/1.1, or HTTP/2 when the upstream offers it by ALPN.
-    client: UpstreamClient,
+    /// HTTP/2, when the upstream offers it by ALPN (the pool found out).
+    client: UpstreamClient<pool::Handoff>,
     /// HTTP/1.1 only: an upgrade cannot ride a pooled HTTP/2 connection.
     upgrade_client: UpstreamClient,
+    /// Plain HTTP/1.1 requests: far cheaper per request than `client`, which
+    /// takes over when the upstream negotiates HTTP/2.
+    pool: Arc<pool::Pool>,
     scheme: Scheme,
     authority: Authority,
     /// Upstream base URL as text (`https://host/base/`) and its path (`/base/`).
@@ -103,8 +107,25 @@ impl Proxy {
             egress::Route::Forward { auth, .. } => auth.clone(),
             _ => None,
         };
-        let client = build_client(&cfg, &route, tls.clone(), true);
-        let upgrade_client = build_client(&cfg, &route, tls, false);
+        let handoff = pool::Handoff::new(connector(&cfg, &route, tls.clone(), true));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(handoff.clone());
+        let upgrade_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector(&cfg, &route, tls.clone(), false));
+        let pool = Arc::new(pool::Pool::new(
+            connector(&cfg, &route, tls, true),
+            handoff,
+            scheme.clone(),
+            &authority,
+            matches!(route, egress::Route::Forward { .. }),
+            cfg.pool_idle_timeout,
+        ));
         Ok(Proxy {
             base_url: cfg.upstream.as_str().to_owned(),
             base_path: cfg.upstream.path().to_owned(),
@@ -113,6 +134,7 @@ impl Proxy {
             metrics,
             client,
             upgrade_client,
+            pool,
             scheme,
             authority,
             egress_auth,
@@ -245,11 +267,11 @@ impl Proxy {
                 parts.headers.clone(),
             )
         });
-        let mut resp = self
+        let mut sent = self
             .send(Request::from_parts(parts, body), upgrade, ex)
             .await?;
 
-        if resp.status() == StatusCode::UNAUTHORIZED && self.token_rejected(resp.headers()) {
+        if sent.0.status() == StatusCode::UNAUTHORIZED && self.token_rejected(sent.0.headers()) {
             // Whatever happens to this request, that token is no good.
             self.token.invalidate(generation);
             if let Some((mut copy, method, uri, headers)) = replay {
@@ -270,9 +292,9 @@ impl Proxy {
                         ex.generation.store(newer, Ordering::Relaxed);
                         ex.replayed.store(true, Ordering::Relaxed);
                         self.metrics.replayed_after_401();
-                        resp = self.send(again, false, ex).await?;
-                        if resp.status() != StatusCode::UNAUTHORIZED
-                            || !self.token_rejected(resp.headers())
+                        sent = self.send(again, false, ex).await?;
+                        if sent.0.status() != StatusCode::UNAUTHORIZED
+                            || !self.token_rejected(sent.0.headers())
                         {
                             break;
                         }
@@ -282,7 +304,7 @@ impl Proxy {
                 }
             }
         }
-        Ok(self.respond(resp, client_upgrade, client_host, ex))
+        Ok(self.respond(sent, client_upgrade, client_host, ex))
     }
 
     /// Whether a 401 says our token is bad, per `proxy.retry_on_401`.
@@ -301,36 +323,51 @@ impl Proxy {
         }
     }
 
+    /// Sends `req` upstream: plain requests on the HTTP/1.1 pool (or
+    /// hyper-util's client once the upstream turned out to speak HTTP/2),
+    /// upgrades on a connection of their own. Returns the pooled connection
+    /// to hand back when the response body ends.
     async fn send(
         &self,
         req: Request<ProxyBody>,
         upgrade: bool,
         ex: &Exchange,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let client = if upgrade {
-            &self.upgrade_client
-        } else {
-            &self.client
-        };
+    ) -> Result<(Response<Incoming>, Option<pool::Checkin>), ProxyError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.cfg.request_timeout, client.request(req)).await;
+        let sending = async {
+            let req = if upgrade || self.pool.is_http2() {
+                req
+            } else {
+                match self.pool.send(req).await? {
+                    pool::Sent::Response(resp, checkin) => return Ok((resp, Some(checkin))),
+                    pool::Sent::Http2(req) => req,
+                }
+            };
+            let resp = if upgrade {
+                self.upgrade_client.request(req).await?
+            } else {
+                self.client.request(req).await?
+            };
+            Ok::<_, error::UpstreamError>((resp, None))
+        };
+        let result = tokio::time::timeout(self.cfg.request_timeout, sending).await;
         ex.upstream_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
             Err(_) => Err(ProxyError::UpstreamTimeout),
-            Ok(Err(e)) => Err(match client_body_error(&e) {
+            Ok(Err(e)) => Err(match client_body_error(&*e) {
                 Some(BodyError::Idle(_)) => ProxyError::ClientBodyTimeout,
                 Some(BodyError::Stream(_)) => ProxyError::ClientBody(e),
-                None if crate::tls::is_tls_error(&e) => ProxyError::UpstreamTls(e),
+                None if crate::tls::is_tls_error(&*e) => ProxyError::UpstreamTls(e),
                 None => ProxyError::UpstreamUnavailable(e),
             }),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(sent)) => Ok(sent),
         }
     }
 
     fn respond(
         &self,
-        mut resp: Response<Incoming>,
+        (mut resp, checkin): (Response<Incoming>, Option<pool::Checkin>),
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
         client_host: Option<HeaderValue>,
         ex: &Exchange,
@@ -364,7 +401,8 @@ impl Proxy {
                 &public,
             );
         }
-        Response::from_parts(parts, ProxyBody::stream(body, self.cfg.body_idle_timeout))
+        let body = ProxyBody::stream(body, self.cfg.body_idle_timeout).with_checkin(checkin);
+        Response::from_parts(parts, body)
     }
 }
 
@@ -381,12 +419,13 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-fn build_client(
+/// The connector stack to the upstream: TCP (or an egress proxy), then TLS.
+fn connector(
     cfg: &ProxyConfig,
     route: &egress::Route,
     tls: rustls::ClientConfig,
     allow_h2: bool,
-) -> UpstreamClient {
+) -> HttpsConnector<egress::Connector> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -396,16 +435,11 @@ fn build_client(
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http();
-    let connector = if allow_h2 {
+    if allow_h2 {
         builder.enable_http1().enable_http2().wrap_connector(tcp)
     } else {
         builder.enable_http1().wrap_connector(tcp)
-    };
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(cfg.pool_idle_timeout)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
+    }
 }
 
 /// The client's request body failure that made sending fail, if that is why

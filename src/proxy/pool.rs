@@ -54,6 +54,11 @@ pub enum PoolError {
     Handshake(#[source] hyper::Error),
     #[error("the upstream exchange failed")]
     Send(#[source] hyper::Error),
+    /// A reused connection closed and the new one negotiated HTTP/2: the
+    /// request was already rewritten for HTTP/1.1 (rare; the next request
+    /// goes to the general client).
+    #[error("the upstream switched to HTTP/2 between two connections")]
+    SwitchedToHttp2,
 }
 
 /// What [`Pool::send`] did with a request.

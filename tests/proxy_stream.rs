@@ -5,6 +5,7 @@
 
 #[path = "support/binary.rs"]
 mod binary;
+mod sidecar_process;
 mod support;
 #[path = "support/upstream.rs"]
 mod upstream;

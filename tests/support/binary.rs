@@ -1,15 +1,16 @@
 //! The real `token-sidecar` binary as a child process, for tests that need a
 //! process of its own: environment variables (egress proxies), resident
-//! memory. Included with `#[path = "support/binary.rs"] mod binary;`.
+//! memory. Included with `#[path = "support/binary.rs"] mod binary;` next to
+//! `mod sidecar_process;`.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::sidecar_process;
+
 /// Proxy variables the tests control; never inherited from the machine.
+/// (`sidecar_process::command` already drops `RUST_LOG` and `TOKEN_SIDECAR_*`.)
 const PROXY_VARS: &[&str] = &[
     "HTTPS_PROXY",
     "https_proxy",
@@ -20,86 +21,36 @@ const PROXY_VARS: &[&str] = &[
     "NO_PROXY",
     "no_proxy",
     "REQUEST_METHOD",
-    "RUST_LOG",
 ];
 
-/// A running sidecar process; killed when dropped.
+/// A running sidecar process with its addresses; killed when dropped.
+/// A thin layer over [`sidecar_process::Process`], which owns spawning and
+/// output capture for every test that runs the binary.
 pub struct Process {
-    child: Child,
+    inner: sidecar_process::Process,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
-    /// Every line of stdout (JSON logs) and stderr so far.
-    pub output: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Process {
     /// Starts the binary with `toml` as its config (JSON logs are forced) and
     /// `env` added to a cleaned environment; returns once it listens.
     pub async fn spawn(toml: &str, env: &[(&str, &str)]) -> Process {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("config.toml");
-        std::fs::write(
-            &path,
-            toml.replace("format = \"text\"", "format = \"json\""),
-        )
-        .expect("write config");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_token-sidecar"));
-        cmd.arg("--config")
-            .arg(&path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for v in PROXY_VARS {
-            cmd.env_remove(v);
-        }
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn token-sidecar");
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        collect_lines(stdout, output.clone());
-        collect_lines(stderr, output.clone());
-        let mut process = Process {
-            child,
-            proxy: "127.0.0.1:0".parse().unwrap(),
-            admin: "127.0.0.1:0".parse().unwrap(),
-            output,
-            _dir: dir,
-        };
-        for _ in 0..1000 {
-            let listening = process
-                .lines()
-                .into_iter()
-                .find(|l| l["message"] == "listening");
-            if let Some(l) = listening {
-                let proxy = l["proxy"].as_str().expect("proxy addresses");
-                let first = proxy
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .split(", ")
-                    .next()
-                    .unwrap();
-                process.proxy = first.parse().expect("a proxy address");
-                process.admin = l["admin"].as_str().unwrap().parse().unwrap();
-                return process;
+        let toml = toml.replace("format = \"text\"", "format = \"json\"");
+        let mut inner = sidecar_process::Process::run_config(&toml, |cmd| {
+            for v in PROXY_VARS {
+                cmd.env_remove(v);
             }
-            if let Ok(Some(status)) = process.child.try_wait() {
-                panic!("token-sidecar exited with {status}: {:?}", process.text());
+            for (k, v) in env {
+                cmd.env(k, v);
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        });
+        let (proxy, admin) = inner.addresses().await;
+        Process {
+            inner,
+            proxy,
+            admin,
         }
-        panic!(
-            "token-sidecar did not listen within 10 s: {:?}",
-            process.text()
-        );
     }
 
     /// Waits until `/readyz` says 200.
@@ -118,7 +69,7 @@ impl Process {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.inner.pid() as u32
     }
 
     /// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
@@ -133,27 +84,16 @@ impl Process {
     }
 
     pub fn text(&self) -> String {
-        self.output.lock().unwrap().join("\n")
+        self.inner.text()
     }
 
+    /// Every output line that is a JSON log event.
     pub fn lines(&self) -> Vec<serde_json::Value> {
-        self.output
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
+        self.text()
+            .lines()
+            .filter_map(sidecar_process::json_line)
             .collect()
     }
-}
-
-/// Appends each line `from` yields to `into`, on a thread of its own.
-fn collect_lines(from: impl std::io::Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(from).lines() {
-            let Ok(line) = line else { break };
-            into.lock().unwrap().push(line);
-        }
-    });
 }
 
 /// `support::base_toml` with `extra` lines added to its `[proxy]` table.

@@ -45,18 +45,8 @@ http {
     }
 }
 CONF
-cat >"$WORK/sidecar.toml" <<CONF
-[proxy]
-listen = ["127.0.0.1:$SIDECAR_PORT"]
-upstream = "http://127.0.0.1:$UP_PORT/"
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-[oauth]
-token_url = "http://127.0.0.1:$TOKEN_PORT/oauth/token"
-client_id = "bench"
-username = "bench"
-CONF
-export TOKEN_SIDECAR_OAUTH__CLIENT_SECRET=bench-secret TOKEN_SIDECAR_OAUTH__PASSWORD=bench-password
+. "$ROOT/bench/sidecar_config.sh"
+write_sidecar_config "$WORK/sidecar.toml"
 
 python3 "$BENCH/token_endpoint.py" "$TOKEN_PORT" >"$WORK/token.log" 2>&1 &
 PIDS+=("$!")

@@ -181,19 +181,8 @@ http {
 }
 EOF
 
-cat >"$WORK/sidecar.toml" <<EOF
-[proxy]
-listen = ["127.0.0.1:$SIDECAR_PORT"]
-upstream = "http://127.0.0.1:$UP_PORT/"
-[admin]
-listen = "127.0.0.1:$ADMIN_PORT"
-[oauth]
-token_url = "http://127.0.0.1:$TOKEN_PORT/oauth/token"
-client_id = "bench"
-username = "bench"
-EOF
-export TOKEN_SIDECAR_OAUTH__CLIENT_SECRET=bench-secret
-export TOKEN_SIDECAR_OAUTH__PASSWORD=bench-password
+. "$ROOT/bench/sidecar_config.sh"
+write_sidecar_config "$WORK/sidecar.toml"
 
 # --- process helpers ----------------------------------------------------------
 start_nginx() { # CONF CPUS NAME -> sets STARTED (master pid)

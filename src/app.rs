@@ -164,12 +164,24 @@ async fn start_inner<E: TokenEndpoint>(
         http2: true,
         write_stall_timeout: Some(config.proxy.body_idle_timeout),
     };
+    let lane: crate::serve::FirstServer = {
+        let proxy = proxy.clone();
+        Arc::new(move |io, peer, stop| {
+            let proxy = proxy.clone();
+            Box::pin(async move { proxy.serve_lane(io, peer, stop).await })
+        })
+    };
     for listener in proxy_listeners {
         let proxy = proxy.clone();
-        proxy_server.spawn(listener, opts.clone(), move |req, peer| {
-            let proxy = proxy.clone();
-            async move { proxy.handle(req, peer).await }
-        });
+        proxy_server.spawn_with_first(
+            listener,
+            opts.clone(),
+            Some(lane.clone()),
+            move |req, peer| {
+                let proxy = proxy.clone();
+                async move { proxy.handle(req, peer).await }
+            },
+        );
     }
 
     let admin = Arc::new(Admin {

@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,21 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::proxy::lane::{ClientIo, Prefixed};
 use crate::proxy::stall::StallGuard;
+
+/// Serves a connection before hyper does (the proxy's fast lane): returns
+/// `None` when it served the connection to its end, or the connection (with
+/// the bytes it read) for hyper to serve from there on.
+pub type FirstServer = Arc<
+    dyn Fn(
+            ClientIo,
+            SocketAddr,
+            watch::Receiver<Option<Duration>>,
+        ) -> Pin<Box<dyn Future<Output = Option<Prefixed<ClientIo>>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Connection settings of one server.
 #[derive(Clone, Debug)]
@@ -65,6 +80,23 @@ impl Server {
         B: Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        self.spawn_with_first(listener, opts, None, handler)
+    }
+
+    /// As [`Server::spawn`], each connection served by `first` until it
+    /// hands the connection to hyper.
+    pub fn spawn_with_first<H, F, B>(
+        &mut self,
+        listener: TcpListener,
+        opts: ServeOptions,
+        first: Option<FirstServer>,
+        handler: H,
+    ) where
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<B>> + Send + 'static,
+        B: Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -92,6 +124,7 @@ impl Server {
             slots,
             opts,
             Arc::new(builder),
+            first,
             handler,
             stop,
         ));
@@ -121,6 +154,7 @@ async fn accept_loop<H, F, B>(
     slots: Arc<Semaphore>,
     opts: ServeOptions,
     builder: Arc<auto::Builder<TokioExecutor>>,
+    first: Option<FirstServer>,
     handler: H,
     mut stop: watch::Receiver<Option<Duration>>,
 ) -> bool
@@ -151,50 +185,19 @@ where
             },
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let requests = Arc::new(AtomicU64::new(0));
-        let counted = requests.clone();
-        let service = service_fn(move |req| {
-            counted.fetch_add(1, Ordering::Relaxed);
-            let fut = handler(req, peer);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
-        let io = TokioIo::new(StallGuard::new(stream, opts.write_stall_timeout));
-        let conn = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        let mut stop = stop.clone();
+        let io = StallGuard::new(stream, opts.write_stall_timeout);
+        let conn = serve_connection(
+            io,
+            peer,
+            first.clone(),
+            builder.clone(),
+            handler.clone(),
+            stop.clone(),
+            opts.idle_timeout,
+        );
         let done = done_tx.clone();
-        let idle = opts.idle_timeout;
         tokio::spawn(async move {
-            tokio::pin!(conn);
-            // HTTP/1.1 closes idle keep-alive connections itself
-            // (header_read_timeout); HTTP/2 has no such timer, so a
-            // connection that started no request for a whole period is
-            // asked to close (GOAWAY: open streams still finish).
-            let mut idle_check = tokio::time::interval_at(Instant::now() + idle, idle);
-            let mut seen = 0;
-            let mut closing = false;
-            let result = loop {
-                tokio::select! {
-                    r = conn.as_mut() => break r,
-                    _ = stop.changed(), if !closing => {
-                        conn.as_mut().graceful_shutdown();
-                        closing = true;
-                    }
-                    _ = idle_check.tick(), if !closing => {
-                        let started = requests.load(Ordering::Relaxed);
-                        if started == seen {
-                            conn.as_mut().graceful_shutdown();
-                            closing = true;
-                        }
-                        seen = started;
-                    }
-                }
-            };
-            if let Err(e) = result {
-                debug!(error = %e, %peer, "connection ended with an error");
-            }
+            conn.await;
             drop(permit);
             drop(done);
         });
@@ -202,6 +205,66 @@ where
     drop(listener); // new connections are refused from now on
     drop(done_tx);
     tokio::time::timeout(grace, done_rx.recv()).await.is_ok()
+}
+
+/// One connection: `first` (if any) until it hands over, then hyper.
+async fn serve_connection<H, F, B>(
+    io: ClientIo,
+    peer: SocketAddr,
+    first: Option<FirstServer>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: H,
+    mut stop: watch::Receiver<Option<Duration>>,
+    idle: Duration,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = match first {
+        Some(first) => match first(io, peer, stop.clone()).await {
+            Some(io) => io,
+            None => return,
+        },
+        None => Prefixed::new(bytes::Bytes::new(), io),
+    };
+    let requests = Arc::new(AtomicU64::new(0));
+    let counted = requests.clone();
+    let service = service_fn(move |req| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        let fut = handler(req, peer);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    // HTTP/1.1 closes idle keep-alive connections itself
+    // (header_read_timeout); HTTP/2 has no such timer, so a connection that
+    // started no request for a whole period is asked to close (GOAWAY: open
+    // streams still finish).
+    let mut idle_check = tokio::time::interval_at(Instant::now() + idle, idle);
+    let mut seen = 0;
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = stop.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = idle_check.tick(), if !closing => {
+                let started = requests.load(Ordering::Relaxed);
+                if started == seen {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                seen = started;
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, %peer, "connection ended with an error");
+    }
 }
 
 fn grace_of(stop: &watch::Receiver<Option<Duration>>) -> Duration {

@@ -13,7 +13,8 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Uri};
+use http::uri::Authority;
+use http::{HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
@@ -267,7 +268,10 @@ impl Body for ProxyBody {
 pub struct Exchange {
     pub start: Instant,
     pub method: Method,
-    pub uri: Uri,
+    /// The raw path, without the query (never logged: it may carry secrets).
+    pub path: Box<str>,
+    /// HTTP/2's `:authority` or an absolute-form target's, if any.
+    pub authority: Option<Authority>,
     pub request_id: HeaderValue,
     pub status: AtomicU16,
     pub generation: AtomicU64,
@@ -282,7 +286,8 @@ pub struct Exchange {
 impl Exchange {
     pub fn new(
         method: Method,
-        uri: Uri,
+        path: Box<str>,
+        authority: Option<Authority>,
         request_id: HeaderValue,
         metrics: Arc<Metrics>,
         access_log: bool,
@@ -291,7 +296,8 @@ impl Exchange {
         Exchange {
             start: Instant::now(),
             method,
-            uri,
+            path,
+            authority,
             request_id,
             status: AtomicU16::new(0),
             generation: AtomicU64::new(0),
@@ -315,7 +321,7 @@ impl Drop for Exchange {
         tracing::info!(
             target: "token_sidecar::access",
             method = %self.method,
-            path = self.uri.path(),
+            path = &*self.path,
             status = self.status.load(Ordering::Relaxed),
             total_ms = self.start.elapsed().as_secs_f64() * 1000.0,
             upstream_ms = self.upstream_us.load(Ordering::Relaxed) as f64 / 1000.0,

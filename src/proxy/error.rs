@@ -2,7 +2,7 @@
 //! code and message, and the JSON body `{"error": code, "message": ...}`.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
 
@@ -66,10 +66,20 @@ impl ProxyError {
     }
 
     pub fn to_response(&self) -> Response<ProxyBody> {
-        let body = json_error(self.code(), &self.to_string());
-        let mut resp = Response::new(ProxyBody::full(Bytes::from(body)));
+        let mut resp = Response::new(ProxyBody::full(self.body()));
         *resp.status_mut() = self.status();
-        let h = resp.headers_mut();
+        *resp.headers_mut() = self.headers();
+        resp
+    }
+
+    /// The JSON body of the answer.
+    pub fn body(&self) -> Bytes {
+        Bytes::from(json_error(self.code(), &self.to_string()))
+    }
+
+    /// The header fields of the answer (hyper adds the framing and `Date`).
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(4);
         h.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -94,7 +104,7 @@ impl ProxyError {
             }
             _ => {}
         }
-        resp
+        h
     }
 }
 

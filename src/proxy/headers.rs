@@ -160,21 +160,33 @@ pub fn rewrite_locations(
         let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
-        let rest = if let Some(rest) = strip_prefix_ignore_case(value, upstream_base) {
-            rest
-        } else if let Some(rest) = value
-            .strip_prefix(upstream_base_path)
-            .filter(|_| value.starts_with('/') && !value.starts_with("//"))
-        {
-            rest
-        } else {
+        let Some(rewritten) =
+            rewrite_location(value, upstream_base, upstream_base_path, public_base)
+        else {
             continue;
         };
-        let rewritten = format!("{public_base}{rest}");
         if let Ok(v) = HeaderValue::try_from(rewritten) {
             headers.insert(name, v);
         }
     }
+}
+
+/// One `Location` value pointed at `public_base` if it points into the
+/// upstream base URL (absolute, or an absolute path under its base path).
+pub fn rewrite_location(
+    value: &str,
+    upstream_base: &str,
+    upstream_base_path: &str,
+    public_base: &str,
+) -> Option<String> {
+    let rest = if let Some(rest) = strip_prefix_ignore_case(value, upstream_base) {
+        rest
+    } else {
+        value
+            .strip_prefix(upstream_base_path)
+            .filter(|_| value.starts_with('/') && !value.starts_with("//"))?
+    };
+    Some(format!("{public_base}{rest}"))
 }
 
 fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {

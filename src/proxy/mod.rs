@@ -12,7 +12,9 @@
 pub mod body;
 pub mod egress;
 pub mod error;
+pub mod h1;
 pub mod headers;
+pub mod lane;
 pub mod path;
 pub mod pool;
 pub mod stall;
@@ -79,6 +81,8 @@ pub struct Proxy {
     base_path: String,
     /// `Proxy-Authorization` for a forwarding egress proxy with credentials.
     egress_auth: Option<HeaderValue>,
+    /// Plain HTTP/1.1 exchanges with a plain-`http` upstream, without hyper.
+    lane: Option<Arc<lane::Lane>>,
 }
 
 impl Proxy {
@@ -126,6 +130,13 @@ impl Proxy {
             matches!(route, egress::Route::Forward { .. }),
             cfg.pool_idle_timeout,
         ));
+        let lane = lane::Lane::new(
+            &cfg.upstream,
+            pool::host_header(&scheme, &authority),
+            matches!(route, egress::Route::Direct),
+            cfg.connect_timeout,
+            cfg.pool_idle_timeout,
+        );
         Ok(Proxy {
             base_url: cfg.upstream.as_str().to_owned(),
             base_path: cfg.upstream.path().to_owned(),
@@ -138,7 +149,22 @@ impl Proxy {
             scheme,
             authority,
             egress_auth,
+            lane,
         })
+    }
+
+    /// Serves a client connection on the fast lane when it can; gives the
+    /// connection back (with any bytes read) for hyper to serve otherwise.
+    pub async fn serve_lane(
+        &self,
+        io: lane::ClientIo,
+        peer: SocketAddr,
+        stop: tokio::sync::watch::Receiver<Option<std::time::Duration>>,
+    ) -> Option<lane::Prefixed<lane::ClientIo>> {
+        match &self.lane {
+            Some(l) => lane::serve(self, l, io, peer, stop).await,
+            None => Some(lane::Prefixed::new(bytes::Bytes::new(), io)),
+        }
     }
 
     /// Serves one request; never fails: errors become local JSON answers.
@@ -151,7 +177,8 @@ impl Proxy {
             .unwrap_or_else(new_request_id);
         let exchange = Arc::new(Exchange::new(
             req.method().clone(),
-            req.uri().clone(),
+            req.uri().path().into(),
+            req.uri().authority().cloned(),
             request_id.clone(),
             self.metrics.clone(),
             self.cfg.access_log,
@@ -159,18 +186,7 @@ impl Proxy {
         let mut resp = match self.forward(req, peer, &exchange).await {
             Ok(resp) => resp,
             Err(e) => {
-                self.metrics.local_response(e.code());
-                // token_unavailable is not logged per request: during an
-                // outage that would be a line per request (thousands a second),
-                // and the refresher already logs the cause once per attempt.
-                // The access log and the metric still count every one.
-                let token_unavailable = matches!(e, ProxyError::TokenUnavailable { .. });
-                if e.status().is_server_error() && !token_unavailable {
-                    warn!(error = e.code(), request_id = request_id.to_str().unwrap_or("-"),
-                        cause = %crate::token::refresher::error_chain(&e), "answered by the sidecar");
-                } else {
-                    debug!(error = e.code(), "request refused");
-                }
+                self.note_local_answer(&e, &request_id);
                 e.to_response()
             }
         };
@@ -180,6 +196,53 @@ impl Proxy {
         resp.headers_mut().insert(&X_REQUEST_ID, request_id);
         self.metrics.request_done(exchange.start.elapsed());
         resp.map(|b| b.track(exchange, Direction::Down))
+    }
+
+    /// Counts and logs an answer the sidecar makes itself.
+    fn note_local_answer(&self, e: &ProxyError, request_id: &HeaderValue) {
+        self.metrics.local_response(e.code());
+        // token_unavailable is not logged per request: during an outage that
+        // would be a line per request (thousands a second), and the
+        // refresher already logs the cause once per attempt. The access log
+        // and the metric still count every one.
+        let token_unavailable = matches!(e, ProxyError::TokenUnavailable { .. });
+        if e.status().is_server_error() && !token_unavailable {
+            warn!(error = e.code(), request_id = request_id.to_str().unwrap_or("-"),
+                cause = %crate::token::refresher::error_chain(e), "answered by the sidecar");
+        } else {
+            debug!(error = e.code(), "request refused");
+        }
+    }
+
+    /// Whether a raw request path may pass (`proxy.allow_paths`, dot-segments).
+    fn check_path(&self, raw_path: &str) -> Result<(), ProxyError> {
+        path::check(raw_path, &self.cfg.allow_paths).map_err(|r| match r {
+            path::PathRejection::DotSegment => {
+                ProxyError::BadRequest("dot-segments are not allowed in the request path")
+            }
+            path::PathRejection::NotAllowed => ProxyError::PathNotAllowed,
+            path::PathRejection::NotAPath => {
+                ProxyError::BadRequest("the request target must be a path")
+            }
+        })
+    }
+
+    /// The token to inject and its generation: one `ArcSwap` load; before
+    /// the first token ever, a wait for it; an expired token never.
+    async fn bearer(&self) -> Result<(u64, HeaderValue), ProxyError> {
+        match self.token.usable() {
+            Some(t) => Ok(t),
+            None if !self.token.ever_had_token() => self
+                .token
+                .wait_first(self.cfg.token_wait)
+                .await
+                .map_err(|u| ProxyError::TokenUnavailable {
+                    retry_after: u.retry_after,
+                }),
+            None => Err(ProxyError::TokenUnavailable {
+                retry_after: self.token.retry_after(),
+            }),
+        }
     }
 
     async fn forward(
@@ -200,15 +263,7 @@ impl Proxy {
                 }
             }
         }
-        path::check(req.uri().path(), &self.cfg.allow_paths).map_err(|r| match r {
-            path::PathRejection::DotSegment => {
-                ProxyError::BadRequest("dot-segments are not allowed in the request path")
-            }
-            path::PathRejection::NotAllowed => ProxyError::PathNotAllowed,
-            path::PathRejection::NotAPath => {
-                ProxyError::BadRequest("the request target must be a path")
-            }
-        })?;
+        self.check_path(req.uri().path())?;
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
@@ -220,23 +275,7 @@ impl Proxy {
             .build()
             .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
 
-        let (generation, bearer) = match self.token.usable() {
-            Some(t) => t,
-            // Before the first token, wait for it rather than fail at once.
-            None if !self.token.ever_had_token() => self
-                .token
-                .wait_first(self.cfg.token_wait)
-                .await
-                .map_err(|u| ProxyError::TokenUnavailable {
-                    retry_after: u.retry_after,
-                })?,
-            // An expired token is never injected.
-            None => {
-                return Err(ProxyError::TokenUnavailable {
-                    retry_after: self.token.retry_after(),
-                })
-            }
-        };
+        let (generation, bearer) = self.bearer().await?;
         ex.generation.store(generation, Ordering::Relaxed);
 
         let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
@@ -244,7 +283,7 @@ impl Proxy {
         let (mut parts, body) = req.into_parts();
         let forwarded = self.cfg.forwarded_headers.then(|| headers::Forwarded {
             client_ip: peer.ip(),
-            authority: ex.uri.authority().map(|a| a.as_str()),
+            authority: ex.authority.as_ref().map(|a| a.as_str()),
         });
         let client_host = headers::rewrite_request(&mut parts.headers, bearer, upgrade, forwarded);
         parts.headers.insert(&X_REQUEST_ID, ex.request_id.clone());
@@ -309,17 +348,21 @@ impl Proxy {
 
     /// Whether a 401 says our token is bad, per `proxy.retry_on_401`.
     fn token_rejected(&self, headers: &HeaderMap) -> bool {
+        self.rejects_token(
+            headers
+                .get_all(header::WWW_AUTHENTICATE)
+                .iter()
+                .any(|v| h1::says_invalid_token(v.as_bytes())),
+        )
+    }
+
+    /// The `proxy.retry_on_401` policy, given whether a `WWW-Authenticate`
+    /// of the 401 says `invalid_token`.
+    fn rejects_token(&self, says_invalid_token: bool) -> bool {
         match self.cfg.retry_on_401 {
             RetryOn401::Off => false,
             RetryOn401::Any => true,
-            RetryOn401::InvalidToken => headers
-                .get_all(header::WWW_AUTHENTICATE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .any(|v| {
-                    let v = v.to_ascii_lowercase();
-                    v.contains("error=\"invalid_token\"") || v.contains("error=invalid_token")
-                }),
+            RetryOn401::InvalidToken => says_invalid_token,
         }
     }
 
@@ -389,7 +432,7 @@ impl Proxy {
             let host = client_host
                 .as_ref()
                 .and_then(|h| h.to_str().ok())
-                .or_else(|| ex.uri.authority().map(|a| a.as_str()))
+                .or_else(|| ex.authority.as_ref().map(|a| a.as_str()))
                 .map(str::to_owned)
                 .or_else(|| self.cfg.listen.first().map(|a| a.to_string()))
                 .unwrap_or_else(|| "localhost".into());

@@ -331,7 +331,7 @@ impl Service<Uri> for Handoff {
 
 /// `Host` for `authority` as hyper-util's client sets it: the host, and the
 /// port unless it is the scheme's default; never userinfo.
-fn host_header(scheme: &Scheme, authority: &Authority) -> HeaderValue {
+pub fn host_header(scheme: &Scheme, authority: &Authority) -> HeaderValue {
     let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
     let host = match authority.port_u16() {
         Some(p) if p != default_port => format!("{}:{p}", authority.host()),

@@ -100,6 +100,10 @@ impl<T> StallGuard<T> {
             stall: WriteStall::new(after),
         }
     }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead> AsyncRead for StallGuard<T> {

@@ -273,7 +273,10 @@ pub async fn serve(
     let idle = proxy.cfg.client_idle_timeout;
     let mut idle_timer = Box::pin(tokio::time::sleep(idle));
     loop {
-        let mut last_active = Instant::now();
+        // The whole head must come within the idle timeout of the last
+        // response (hyper's `header_read_timeout`): a byte now and then
+        // does not keep a connection.
+        let head_wait_started = Instant::now();
         // A complete head, or the reason there is none.
         loop {
             match h1::parse_request(&c.buf, &mut c.head, proxy.cfg.forwarded_headers) {
@@ -294,7 +297,7 @@ pub async fn serve(
                 // One timer per connection, moved only when it fires: the
                 // keep-alive wait of each request costs no timer operation.
                 () = idle_timer.as_mut() => {
-                    let deadline = last_active + idle;
+                    let deadline = head_wait_started + idle;
                     if Instant::now() >= deadline {
                         return None;
                     }
@@ -303,7 +306,7 @@ pub async fn serve(
                 }
             };
             match read {
-                Ok(n) if n > 0 => last_active = Instant::now(),
+                Ok(n) if n > 0 => {}
                 _ => return None, // closed or failed
             }
         }
@@ -502,7 +505,18 @@ impl Conn<'_> {
                     Ok(Ok(n)) => n,
                 },
                 // An early answer (413, 401...): stop sending, read it.
-                _ = up.io.readable() => return Ok(false),
+                r = up.io.readable() => {
+                    r.map_err(LaneError::Io)?;
+                    if up.buf.capacity() - up.buf.len() < 512 {
+                        up.buf.reserve(READ_BUF);
+                    }
+                    match up.io.try_read_buf(&mut up.buf) {
+                        Ok(0) => return Err(LaneError::Closed.into()),
+                        Ok(_) => return Ok(false),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(LaneError::Io(e).into()),
+                    }
+                }
             };
             if let Some(c) = copy.as_mut() {
                 c.extend_from_slice(&chunk[..n]);

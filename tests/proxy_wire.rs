@@ -1322,3 +1322,47 @@ async fn bytes_after_a_complete_response_are_not_taken_for_the_next_one() {
         assert_ne!(up.request().await.conn, 1);
     }
 }
+
+#[tokio::test]
+async fn a_connection_handed_to_hyper_mid_way_keeps_the_bytes_already_read() {
+    // The fast lane serves plain requests and hands a connection to hyper
+    // at the first one it does not take (here a chunked upload), with
+    // every byte it has read: pipelined requests after it must survive.
+    let up = describing_upstream().await;
+    let front = Front::start(&up.url("/base/"), "").await;
+    let mut c = Wire::connect(front.proxy).await;
+    let mut write = get(&front, "/one", "X-Request-Id: hand-1\r\n");
+    write.extend(
+        format!(
+            "POST /two HTTP/1.1\r\nHost: {}\r\nX-Request-Id: hand-2\r\n\
+             Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+            front.proxy
+        )
+        .as_bytes(),
+    );
+    write.extend(get(&front, "/three", "X-Request-Id: hand-3\r\n"));
+    c.send(&write).await;
+    for expected in [
+        "GET /base/one 0 id=hand-1",
+        "POST /base/two 7 id=hand-2",
+        "GET /base/three 0 id=hand-3",
+    ] {
+        let r = c.response().await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text(), expected);
+    }
+    // And a connection whose very first request is not for the lane.
+    let mut c = Wire::connect(front.proxy).await;
+    let mut write = format!(
+        "POST /four HTTP/1.1\r\nHost: {}\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi",
+        front.proxy
+    )
+    .into_bytes();
+    write.extend(get(&front, "/five", "X-Request-Id: hand-5\r\n"));
+    c.send(&write).await;
+    assert_eq!(
+        c.final_response().await.text().split(" id=").next(),
+        Some("POST /base/four 2")
+    );
+    assert_eq!(c.response().await.text(), "GET /base/five 0 id=hand-5");
+}

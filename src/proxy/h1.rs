@@ -119,6 +119,12 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead, forwarded: bool) -> Par
                 (None, Some(n)) => content_length = Some(n),
                 _ => return Parse::Fallback, // invalid or repeated
             }
+            // Forwarded even if `Connection` lists it: it frames the body
+            // sent after the head, which would otherwise be read upstream
+            // as the next request.
+            head.fields
+                .push((Span::of(buf, name), Span::of(buf, value)));
+            continue;
         } else if is("transfer-encoding") || is("expect") || is("upgrade") {
             return Parse::Fallback;
         } else if is("te") {
@@ -612,6 +618,13 @@ mod tests {
         // Off: the client's pass through untouched.
         let out = upstream_head(raw, None);
         assert!(out.contains("X-Forwarded-Host: evil"), "{out}");
+    }
+
+    #[test]
+    fn content_length_goes_upstream_even_if_connection_lists_it() {
+        let raw = "POST /p HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc";
+        let out = upstream_head(raw, None);
+        assert!(out.contains("\r\nContent-Length: 3\r\n"), "{out}");
     }
 
     #[test]

@@ -318,6 +318,10 @@ pub fn parse_response(
                 return Err(BadResponse::ContentLength);
             }
             length = Some(n);
+            // Kept even if `Connection` lists it: the client frames the
+            // body by it on a connection that stays open.
+            fields.push((Span::of(buf, name), Span::of(buf, h.value)));
+            continue;
         } else if is("transfer-encoding") {
             // Chunked only when it is the last coding (RFC 9112 6.3).
             chunked = Some(last_token(h.value).eq_ignore_ascii_case(b"chunked"));

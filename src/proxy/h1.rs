@@ -356,6 +356,12 @@ pub fn parse_response(
     if chunked.is_some() && head.framing == Framing::Empty {
         head.reusable = false; // who knows what follows
     }
+    if head.framing == Framing::Chunked && length.is_some() {
+        // Both framings (RFC 9112 6.3): chunked wins, the length must not
+        // reach the client, and the connection may be out of step.
+        fields.retain(|(name, _)| !name.get(buf).eq_ignore_ascii_case(b"content-length"));
+        head.reusable = false;
+    }
     Ok(ResponseParse::Final(head))
 }
 

@@ -617,7 +617,10 @@ impl Conn<'_> {
         proxy.metrics.request_done(ex.start.elapsed());
 
         match self.pass_body(&mut up, resp.framing, ex).await {
-            Ok(true) if resp.reusable => self.lane.checkin(up),
+            // An upstream that answered before the whole request body
+            // still waits for the rest of it, which is not coming: the
+            // next request would be read as that body.
+            Ok(true) if resp.reusable && !body_left => self.lane.checkin(up),
             Ok(_) => {}
             Err(e) => {
                 debug!(error = %e, request_id = ex.request_id.to_str().unwrap_or("-"), "response body broke off");

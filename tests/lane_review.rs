@@ -191,6 +191,12 @@ async fn a_content_length_listed_in_connection_still_frames_the_body_upstream() 
     let seen = up.next().await;
     assert!(seen.line.starts_with("POST /base/form "), "{seen:?}");
     assert_eq!(seen.body, smuggled.as_bytes(), "{seen:?}");
+    assert!(
+        seen.head
+            .to_ascii_lowercase()
+            .contains(&format!("\r\ncontent-length: {}", smuggled.len())),
+        "{seen:?}"
+    );
     // One more request through the proxy: the only other request upstream.
     c.write_all(format!("GET /after HTTP/1.1\r\nHost: {}\r\n\r\n", front.proxy).as_bytes())
         .await

@@ -351,7 +351,7 @@ impl Conn<'_> {
         let next = match self.forward(&ex).await {
             Ok(next) => next,
             Err((e, body_left)) => {
-                let next = self.answer(&e, &ex, head_request).await;
+                let next = self.answer(&e, &ex, head_request, body_left).await;
                 if body_left {
                     Next::Close // the rest of the request body is still on the way
                 } else {
@@ -567,7 +567,7 @@ impl Conn<'_> {
         let proxy = self.proxy;
         proxy.metrics.upstream_status(resp.status);
         ex.status.store(resp.status, Ordering::Relaxed);
-        let close = body_left || resp.framing == Framing::UntilClose;
+        let close = body_left || resp.framing == Framing::UntilClose || self.head.close;
         self.out.clear();
         self.out.extend_from_slice(b"HTTP/1.1 ");
         self.out
@@ -728,8 +728,15 @@ impl Conn<'_> {
         format!("http://{host}/")
     }
 
-    /// The sidecar's own answer (an error), in the layout of hyper's.
-    async fn answer(&mut self, e: &ProxyError, ex: &Exchange, head_request: bool) -> Next {
+    /// The sidecar's own answer (an error), in the layout of hyper's;
+    /// `body_left`: request body bytes are still unread.
+    async fn answer(
+        &mut self,
+        e: &ProxyError,
+        ex: &Exchange,
+        head_request: bool,
+        body_left: bool,
+    ) -> Next {
         self.proxy.note_local_answer(e, &ex.request_id);
         let status = e.status();
         ex.status.store(status.as_u16(), Ordering::Relaxed);
@@ -743,6 +750,11 @@ impl Conn<'_> {
         let headers = e.headers();
         for (name, value) in &headers {
             h1_field(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        let says_close = headers.contains_key(http::header::CONNECTION);
+        let close = says_close || body_left || self.head.close;
+        if close && !says_close {
+            h1_field(&mut self.out, b"connection", b"close");
         }
         h1_field(
             &mut self.out,
@@ -762,7 +774,6 @@ impl Conn<'_> {
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
         }
         self.proxy.metrics.request_done(ex.start.elapsed());
-        let close = headers.contains_key(http::header::CONNECTION);
         match self.io.write_all(&self.out).await {
             Ok(()) if !close => Next::KeepAlive,
             _ => Next::Close,

@@ -383,3 +383,81 @@ async fn the_answer_to_a_closing_request_says_connection_close() {
     assert_eq!(r.status, 400, "{r:?}");
     assert_eq!(r.header("connection"), Some("close"), "{r:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Access log
+
+/// What this test's thread logs (every task of a current-thread test runs
+/// on it), as JSON lines.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<LogBuffer>> = const { std::cell::RefCell::new(None) };
+}
+
+struct ThreadWriter;
+
+impl std::io::Write for ThreadWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CAPTURE.with(|c| {
+            if let Some(b) = &*c.borrow() {
+                b.0.lock().unwrap().extend_from_slice(buf);
+            }
+        });
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    fn capture() -> LogBuffer {
+        static INIT: std::sync::Once = std::sync::Once::new();
+        INIT.call_once(|| {
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_env_filter("info")
+                .with_writer(|| ThreadWriter)
+                .init();
+        });
+        let buf = LogBuffer::default();
+        CAPTURE.with(|c| *c.borrow_mut() = Some(buf.clone()));
+        buf
+    }
+
+    fn access_lines(&self) -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["target"] == "token_sidecar::access")
+            .collect()
+    }
+}
+
+/// `bytes_out` counts body bytes, as the hyper path counts its data
+/// frames; the lane counted a chunked body's framing (sizes, CRLFs, the
+/// last chunk) as well.
+#[tokio::test]
+async fn bytes_out_of_a_chunked_response_counts_its_payload() {
+    let logs = LogBuffer::capture();
+    let up = RawUp::start(|_| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+            .to_vec()
+    })
+    .await;
+    let front = Front::start(&up.url(), "").await;
+    let r = front.get_raw("/x", "").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    support::eventually(WAIT, "the access log line", || {
+        let n = logs.access_lines().len();
+        async move { n > 0 }
+    })
+    .await;
+    let lines = logs.access_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["bytes_out"], 11, "{lines:?}");
+}

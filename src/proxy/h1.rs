@@ -474,6 +474,8 @@ pub struct ChunkedEnd {
     state: ChunkState,
     size: u64,
     digits: u8,
+    /// Chunk data bytes so far (what hyper's data frames would carry).
+    payload: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -508,6 +510,7 @@ impl ChunkedEnd {
                 let take = (input.len() - i).min(self.size as usize);
                 i += take;
                 self.size -= take as u64;
+                self.payload += take as u64;
                 if self.size == 0 {
                     self.state = DataCr;
                 }
@@ -550,6 +553,11 @@ impl ChunkedEnd {
             };
         }
         Ok((i, self.state == Done))
+    }
+
+    /// Chunk data bytes fed so far, framing and trailers not counted.
+    pub fn payload(&self) -> u64 {
+        self.payload
     }
 }
 
@@ -790,6 +798,7 @@ mod tests {
         let body = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\nNEXT";
         let mut end = ChunkedEnd::default();
         assert_eq!(end.feed(body), Ok((body.len() - 4, true)));
+        assert_eq!(end.payload(), 15);
         let mut end = ChunkedEnd::default();
         assert_eq!(end.feed(b"0\r\n\r\n"), Ok((5, true)));
         for bad in [&b"x\r\n"[..], b"\r\n", b"5\r\nhelloXX", b"0\r\nX\n", b"1\n"] {

@@ -656,6 +656,7 @@ impl Conn<'_> {
         loop {
             let avail: &[u8] = big.as_deref().unwrap_or(&up.buf);
             let mut take = avail.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let payload_before = chunked.as_ref().map_or(0, h1::ChunkedEnd::payload);
             let done = match chunked.as_mut() {
                 Some(end) => {
                     let (used, ended) = end.feed(&avail[..take])?;
@@ -679,7 +680,12 @@ impl Conn<'_> {
             } else if !part.is_empty() {
                 self.io.write_all(part).await.map_err(BodyFault::Client)?;
             }
-            ex.bytes_down.fetch_add(take as u64, Ordering::Relaxed);
+            // Body bytes, as the hyper path counts them: not chunk framing.
+            let counted = match chunked.as_ref() {
+                Some(end) => end.payload() - payload_before,
+                None => take as u64,
+            };
+            ex.bytes_down.fetch_add(counted, Ordering::Relaxed);
             let stray = avail.len() > take;
             match big.as_mut() {
                 Some(b) => b.clear(),

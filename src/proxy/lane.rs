@@ -512,7 +512,19 @@ impl Conn<'_> {
                     }
                     match up.io.try_read_buf(&mut up.buf) {
                         Ok(0) => return Err(LaneError::Closed.into()),
-                        Ok(_) => return Ok(false),
+                        Ok(_) => {
+                            // An interim answer (a 100 Continue sent unasked)
+                            // asks for the rest of the body: skip it, send on.
+                            while let Ok(ResponseParse::Interim(len)) =
+                                h1::parse_response(&up.buf, false, &mut self.fields)
+                            {
+                                up.buf.advance(len);
+                            }
+                            if up.buf.is_empty() {
+                                continue;
+                            }
+                            return Ok(false);
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Err(LaneError::Io(e).into()),
                     }

@@ -492,3 +492,52 @@ async fn bytes_out_of_a_chunked_response_counts_its_payload() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["bytes_out"], 11, "{lines:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Shutdown
+
+/// A response in flight when shutdown begins still reaches its client, and
+/// says `Connection: close` as hyper's does once keep-alive is off; the
+/// lane closed the connection after it without saying so.
+#[tokio::test]
+async fn a_response_in_flight_at_shutdown_arrives_and_says_connection_close() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let up = {
+        let release = release.clone();
+        upstream::Upstream::start(move |_req: http::Request<hyper::body::Incoming>| {
+            let (release, arrived_tx) = (release.clone(), arrived_tx.clone());
+            async move {
+                let _ = arrived_tx.send(());
+                release.notified().await;
+                http::Response::new(upstream::TestBody::text("late"))
+            }
+        })
+        .await
+    };
+    let front = Front::start(&up.url("/base/"), "").await;
+    let proxy = front.proxy;
+    let mut c = TcpStream::connect(proxy).await.expect("connect");
+    c.write_all(format!("GET /slow HTTP/1.1\r\nHost: {proxy}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    tokio::time::timeout(WAIT, arrived.recv())
+        .await
+        .expect("the request reaches the upstream");
+
+    let shutdown = tokio::spawn(front.sidecar.shutdown_now());
+    // Shutdown has begun once new connections are refused.
+    support::eventually(WAIT, "the listener closes", || async move {
+        TcpStream::connect(proxy).await.is_err()
+    })
+    .await;
+    release.notify_one();
+    let out = until_close(&mut c).await;
+    let r = upstream::parse_response(&out);
+    assert_eq!((r.status, r.body_text().as_str()), (200, "late"), "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    tokio::time::timeout(WAIT, shutdown)
+        .await
+        .expect("shutdown ends")
+        .expect("shutdown task");
+}

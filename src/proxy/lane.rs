@@ -241,6 +241,8 @@ struct Conn<'p> {
     head: RequestHead,
     out: Vec<u8>,
     fields: Vec<(Span, Span)>,
+    /// Shutdown: once it has begun, each answer says `Connection: close`.
+    stop: Stop<'p>,
 }
 
 /// What happened to an exchange, for the connection.
@@ -259,7 +261,6 @@ pub async fn serve(
     peer: SocketAddr,
     mut stop: watch::Receiver<Option<Duration>>,
 ) -> Option<Prefixed<ClientIo>> {
-    let mut stop = Stop::new(&mut stop);
     let mut c = Conn {
         proxy,
         lane,
@@ -269,6 +270,7 @@ pub async fn serve(
         head: RequestHead::default(),
         out: Vec::with_capacity(2 * 1024),
         fields: Vec::new(),
+        stop: Stop::new(&mut stop),
     };
     let idle = proxy.cfg.client_idle_timeout;
     let mut idle_timer = Box::pin(tokio::time::sleep(idle));
@@ -293,7 +295,7 @@ pub async fn serve(
             let read = tokio::select! {
                 biased;
                 r = c.io.read_buf(&mut c.buf) => r,
-                () = std::future::poll_fn(|cx| stop.poll_fired(cx)), if waiting_idle => return None,
+                () = std::future::poll_fn(|cx| c.stop.poll_fired(cx)), if waiting_idle => return None,
                 // One timer per connection, moved only when it fires: the
                 // keep-alive wait of each request costs no timer operation.
                 () = idle_timer.as_mut() => {
@@ -316,7 +318,7 @@ pub async fn serve(
             _ => return Some(Prefixed::new(c.buf.freeze(), c.io)),
         };
         let next = c.exchange(method).await;
-        if matches!(next, Next::Close) || stop.fired().await {
+        if matches!(next, Next::Close) || c.stop.fired().await {
             let _ = c.io.shutdown().await;
             return None;
         }
@@ -579,7 +581,10 @@ impl Conn<'_> {
         let proxy = self.proxy;
         proxy.metrics.upstream_status(resp.status);
         ex.status.store(resp.status, Ordering::Relaxed);
-        let close = body_left || resp.framing == Framing::UntilClose || self.head.close;
+        let close = body_left
+            || resp.framing == Framing::UntilClose
+            || self.head.close
+            || self.stop.fired().await;
         self.out.clear();
         self.out.extend_from_slice(b"HTTP/1.1 ");
         self.out
@@ -770,7 +775,7 @@ impl Conn<'_> {
             h1_field(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
         }
         let says_close = headers.contains_key(http::header::CONNECTION);
-        let close = says_close || body_left || self.head.close;
+        let close = says_close || body_left || self.head.close || self.stop.fired().await;
         if close && !says_close {
             h1_field(&mut self.out, b"connection", b"close");
         }

@@ -88,7 +88,7 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead, forwarded: bool) -> Par
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parse::Fallback;
     };
-    if method == "CONNECT" || !target.starts_with('/') {
+    if method == "CONNECT" || !target.starts_with('/') || !hyper_takes_as_is(target) {
         return Parse::Fallback;
     }
     let (path, query) = match target.split_once('?') {
@@ -119,6 +119,12 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead, forwarded: bool) -> Par
                 (None, Some(n)) => content_length = Some(n),
                 _ => return Parse::Fallback, // invalid or repeated
             }
+            // Forwarded even if `Connection` lists it: it frames the body
+            // sent after the head, which would otherwise be read upstream
+            // as the next request.
+            head.fields
+                .push((Span::of(buf, name), Span::of(buf, value)));
+            continue;
         } else if is("transfer-encoding") || is("expect") || is("upgrade") {
             return Parse::Fallback;
         } else if is("te") {
@@ -146,6 +152,19 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead, forwarded: bool) -> Par
     }
     head.content_length = content_length.unwrap_or(0);
     Parse::Ready
+}
+
+/// Whether hyper's URI parser (the `http` crate) takes an origin-form target
+/// byte for byte. It refuses a few bytes httparse lets through (a 400) and
+/// cuts a `#fragment` off (`/..#x` is then `/..`, a dot-segment): the lane
+/// must not check, log and forward a path other than the hyper path's, so
+/// such targets go to hyper.
+fn hyper_takes_as_is(target: &str) -> bool {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    !path.bytes().any(|b| matches!(b, b'#' | b'<' | b'>' | b'`'))
+        && !query
+            .bytes()
+            .any(|b| matches!(b, b'"' | b'#' | b'<' | b'>'))
 }
 
 /// What the upstream request head says besides the client's fields.
@@ -312,6 +331,10 @@ pub fn parse_response(
                 return Err(BadResponse::ContentLength);
             }
             length = Some(n);
+            // Kept even if `Connection` lists it: the client frames the
+            // body by it on a connection that stays open.
+            fields.push((Span::of(buf, name), Span::of(buf, h.value)));
+            continue;
         } else if is("transfer-encoding") {
             // Chunked only when it is the last coding (RFC 9112 6.3).
             chunked = Some(last_token(h.value).eq_ignore_ascii_case(b"chunked"));
@@ -345,6 +368,12 @@ pub fn parse_response(
     }
     if chunked.is_some() && head.framing == Framing::Empty {
         head.reusable = false; // who knows what follows
+    }
+    if head.framing == Framing::Chunked && length.is_some() {
+        // Both framings (RFC 9112 6.3): chunked wins, the length must not
+        // reach the client, and the connection may be out of step.
+        fields.retain(|(name, _)| !name.get(buf).eq_ignore_ascii_case(b"content-length"));
+        head.reusable = false;
     }
     Ok(ResponseParse::Final(head))
 }
@@ -445,6 +474,8 @@ pub struct ChunkedEnd {
     state: ChunkState,
     size: u64,
     digits: u8,
+    /// Chunk data bytes so far (what hyper's data frames would carry).
+    payload: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -479,6 +510,7 @@ impl ChunkedEnd {
                 let take = (input.len() - i).min(self.size as usize);
                 i += take;
                 self.size -= take as u64;
+                self.payload += take as u64;
                 if self.size == 0 {
                     self.state = DataCr;
                 }
@@ -522,6 +554,11 @@ impl ChunkedEnd {
         }
         Ok((i, self.state == Done))
     }
+
+    /// Chunk data bytes fed so far, framing and trailers not counted.
+    pub fn payload(&self) -> u64 {
+        self.payload
+    }
 }
 
 #[cfg(test)]
@@ -557,11 +594,21 @@ mod tests {
     fn plain_requests_are_ready_and_the_rest_falls_back() {
         assert_eq!(request("GET / HTTP/1.1\r\nHost: a\r\n").0, Parse::Partial);
         assert_eq!(request("GET / HTTP/1.1\r\nHost: a\r\n\r\n").0, Parse::Ready);
+        // What hyper takes as it is: JSON in the path, `` ` `` and `^` in the query.
+        assert_eq!(
+            request("GET /{\"a\":|1}^?x=`^{} HTTP/1.1\r\n\r\n").0,
+            Parse::Ready
+        );
         for raw in [
             "GET / HTTP/1.0\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
             "CONNECT a:443 HTTP/1.1\r\n\r\n",
             "GET http://a/ HTTP/1.1\r\n\r\n",
+            "GET /..#x HTTP/1.1\r\n\r\n",
+            "GET /a<b> HTTP/1.1\r\n\r\n",
+            "GET /a`b HTTP/1.1\r\n\r\n",
+            "GET /a?b=\"c\" HTTP/1.1\r\n\r\n",
+            "GET /a?b#c HTTP/1.1\r\n\r\n",
             "OPTIONS * HTTP/1.1\r\n\r\n",
             "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
@@ -612,6 +659,13 @@ mod tests {
         // Off: the client's pass through untouched.
         let out = upstream_head(raw, None);
         assert!(out.contains("X-Forwarded-Host: evil"), "{out}");
+    }
+
+    #[test]
+    fn content_length_goes_upstream_even_if_connection_lists_it() {
+        let raw = "POST /p HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc";
+        let out = upstream_head(raw, None);
+        assert!(out.contains("\r\nContent-Length: 3\r\n"), "{out}");
     }
 
     #[test]
@@ -744,6 +798,7 @@ mod tests {
         let body = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\nNEXT";
         let mut end = ChunkedEnd::default();
         assert_eq!(end.feed(body), Ok((body.len() - 4, true)));
+        assert_eq!(end.payload(), 15);
         let mut end = ChunkedEnd::default();
         assert_eq!(end.feed(b"0\r\n\r\n"), Ok((5, true)));
         for bad in [&b"x\r\n"[..], b"\r\n", b"5\r\nhelloXX", b"0\r\nX\n", b"1\n"] {

@@ -241,6 +241,8 @@ struct Conn<'p> {
     head: RequestHead,
     out: Vec<u8>,
     fields: Vec<(Span, Span)>,
+    /// Shutdown: once it has begun, each answer says `Connection: close`.
+    stop: Stop<'p>,
 }
 
 /// What happened to an exchange, for the connection.
@@ -259,7 +261,6 @@ pub async fn serve(
     peer: SocketAddr,
     mut stop: watch::Receiver<Option<Duration>>,
 ) -> Option<Prefixed<ClientIo>> {
-    let mut stop = Stop::new(&mut stop);
     let mut c = Conn {
         proxy,
         lane,
@@ -269,6 +270,7 @@ pub async fn serve(
         head: RequestHead::default(),
         out: Vec::with_capacity(2 * 1024),
         fields: Vec::new(),
+        stop: Stop::new(&mut stop),
     };
     let idle = proxy.cfg.client_idle_timeout;
     let mut idle_timer = Box::pin(tokio::time::sleep(idle));
@@ -293,7 +295,7 @@ pub async fn serve(
             let read = tokio::select! {
                 biased;
                 r = c.io.read_buf(&mut c.buf) => r,
-                () = std::future::poll_fn(|cx| stop.poll_fired(cx)), if waiting_idle => return None,
+                () = std::future::poll_fn(|cx| c.stop.poll_fired(cx)), if waiting_idle => return None,
                 // One timer per connection, moved only when it fires: the
                 // keep-alive wait of each request costs no timer operation.
                 () = idle_timer.as_mut() => {
@@ -316,7 +318,7 @@ pub async fn serve(
             _ => return Some(Prefixed::new(c.buf.freeze(), c.io)),
         };
         let next = c.exchange(method).await;
-        if matches!(next, Next::Close) || stop.fired().await {
+        if matches!(next, Next::Close) || c.stop.fired().await {
             let _ = c.io.shutdown().await;
             return None;
         }
@@ -351,7 +353,7 @@ impl Conn<'_> {
         let next = match self.forward(&ex).await {
             Ok(next) => next,
             Err((e, body_left)) => {
-                let next = self.answer(&e, &ex, head_request).await;
+                let next = self.answer(&e, &ex, head_request, body_left).await;
                 if body_left {
                     Next::Close // the rest of the request body is still on the way
                 } else {
@@ -512,7 +514,19 @@ impl Conn<'_> {
                     }
                     match up.io.try_read_buf(&mut up.buf) {
                         Ok(0) => return Err(LaneError::Closed.into()),
-                        Ok(_) => return Ok(false),
+                        Ok(_) => {
+                            // An interim answer (a 100 Continue sent unasked)
+                            // asks for the rest of the body: skip it, send on.
+                            while let Ok(ResponseParse::Interim(len)) =
+                                h1::parse_response(&up.buf, false, &mut self.fields)
+                            {
+                                up.buf.advance(len);
+                            }
+                            if up.buf.is_empty() {
+                                continue;
+                            }
+                            return Ok(false);
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Err(LaneError::Io(e).into()),
                     }
@@ -567,7 +581,10 @@ impl Conn<'_> {
         let proxy = self.proxy;
         proxy.metrics.upstream_status(resp.status);
         ex.status.store(resp.status, Ordering::Relaxed);
-        let close = body_left || resp.framing == Framing::UntilClose;
+        let close = body_left
+            || resp.framing == Framing::UntilClose
+            || self.head.close
+            || self.stop.fired().await;
         self.out.clear();
         self.out.extend_from_slice(b"HTTP/1.1 ");
         self.out
@@ -617,7 +634,10 @@ impl Conn<'_> {
         proxy.metrics.request_done(ex.start.elapsed());
 
         match self.pass_body(&mut up, resp.framing, ex).await {
-            Ok(true) if resp.reusable => self.lane.checkin(up),
+            // An upstream that answered before the whole request body
+            // still waits for the rest of it, which is not coming: the
+            // next request would be read as that body.
+            Ok(true) if resp.reusable && !body_left => self.lane.checkin(up),
             Ok(_) => {}
             Err(e) => {
                 debug!(error = %e, request_id = ex.request_id.to_str().unwrap_or("-"), "response body broke off");
@@ -653,6 +673,7 @@ impl Conn<'_> {
         loop {
             let avail: &[u8] = big.as_deref().unwrap_or(&up.buf);
             let mut take = avail.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            let payload_before = chunked.as_ref().map_or(0, h1::ChunkedEnd::payload);
             let done = match chunked.as_mut() {
                 Some(end) => {
                     let (used, ended) = end.feed(&avail[..take])?;
@@ -676,7 +697,12 @@ impl Conn<'_> {
             } else if !part.is_empty() {
                 self.io.write_all(part).await.map_err(BodyFault::Client)?;
             }
-            ex.bytes_down.fetch_add(take as u64, Ordering::Relaxed);
+            // Body bytes, as the hyper path counts them: not chunk framing.
+            let counted = match chunked.as_ref() {
+                Some(end) => end.payload() - payload_before,
+                None => take as u64,
+            };
+            ex.bytes_down.fetch_add(counted, Ordering::Relaxed);
             let stray = avail.len() > take;
             match big.as_mut() {
                 Some(b) => b.clear(),
@@ -725,8 +751,15 @@ impl Conn<'_> {
         format!("http://{host}/")
     }
 
-    /// The sidecar's own answer (an error), in the layout of hyper's.
-    async fn answer(&mut self, e: &ProxyError, ex: &Exchange, head_request: bool) -> Next {
+    /// The sidecar's own answer (an error), in the layout of hyper's;
+    /// `body_left`: request body bytes are still unread.
+    async fn answer(
+        &mut self,
+        e: &ProxyError,
+        ex: &Exchange,
+        head_request: bool,
+        body_left: bool,
+    ) -> Next {
         self.proxy.note_local_answer(e, &ex.request_id);
         let status = e.status();
         ex.status.store(status.as_u16(), Ordering::Relaxed);
@@ -740,6 +773,11 @@ impl Conn<'_> {
         let headers = e.headers();
         for (name, value) in &headers {
             h1_field(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        let says_close = headers.contains_key(http::header::CONNECTION);
+        let close = says_close || body_left || self.head.close || self.stop.fired().await;
+        if close && !says_close {
+            h1_field(&mut self.out, b"connection", b"close");
         }
         h1_field(
             &mut self.out,
@@ -759,7 +797,6 @@ impl Conn<'_> {
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
         }
         self.proxy.metrics.request_done(ex.start.elapsed());
-        let close = headers.contains_key(http::header::CONNECTION);
         match self.io.write_all(&self.out).await {
             Ok(()) if !close => Next::KeepAlive,
             _ => Next::Close,

@@ -1,0 +1,543 @@
+//! Findings of a review of the HTTP/1.1 fast lane (src/proxy/lane.rs,
+//! src/proxy/h1.rs), each pinned on the wire: raw TCP clients against a
+//! raw TCP upstream that frames requests by `Content-Length` the way a real
+//! server does, whatever `Connection` says.
+//!
+//! The lane must do what the hyper path does for everything it accepts;
+//! each test here failed on the lane as first written.
+
+mod support;
+#[path = "support/upstream.rs"]
+mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use upstream::{find, read_exact, read_head, Front, RawResponse};
+
+/// Bounds every wait, so that a missing byte fails a test instead of hanging it.
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A request as it reached the raw upstream.
+#[derive(Debug)]
+struct Seen {
+    /// Which upstream connection carried it, counting from 1.
+    conn: usize,
+    /// The request line.
+    line: String,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// A raw upstream: each request gets what `answer` returns for its request
+/// line, after its `Content-Length` body was read; a request line with
+/// `/early` is answered as soon as its head is in, as servers answer 413 or
+/// 401 before the body, and its body is still read and thrown away after;
+/// one with `/continue` gets a `100 Continue` as soon as its head is in.
+struct RawUp {
+    addr: SocketAddr,
+    seen: mpsc::UnboundedReceiver<Seen>,
+}
+
+impl RawUp {
+    async fn start(answer: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static) -> RawUp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, seen) = mpsc::unbounded_channel();
+        let answer = Arc::new(answer);
+        let conns = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let conn = conns.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(serve_raw(s, conn, answer.clone(), tx.clone()));
+            }
+        });
+        RawUp { addr, seen }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/base/", self.addr)
+    }
+
+    async fn next(&mut self) -> Seen {
+        tokio::time::timeout(WAIT, self.seen.recv())
+            .await
+            .expect("a request reaches the upstream")
+            .expect("the upstream is running")
+    }
+}
+
+async fn serve_raw(
+    mut s: TcpStream,
+    conn: usize,
+    answer: Arc<impl Fn(&str) -> Vec<u8> + Send + Sync + 'static>,
+    tx: mpsc::UnboundedSender<Seen>,
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i;
+            }
+            match s.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + 4);
+        let line = head.lines().next().unwrap_or_default().to_owned();
+        let length = head
+            .lines()
+            .skip(1)
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        let reply = answer(&line);
+        if line.contains("/continue")
+            && s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+        {
+            return;
+        }
+        let early = line.contains("/early");
+        if early && s.write_all(&reply).await.is_err() {
+            return;
+        }
+        while buf.len() < length {
+            match s.read(&mut chunk).await {
+                Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                _ => return,
+            }
+        }
+        let body = buf.drain(..length).collect();
+        let _ = tx.send(Seen {
+            conn,
+            line,
+            head,
+            body,
+        });
+        if !early && s.write_all(&reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn ok(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// One keep-alive response with a `Content-Length` body, read exactly.
+async fn response(s: &mut TcpStream) -> RawResponse {
+    let head = read_head(s).await;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    let mut r = RawResponse {
+        status,
+        head: head.trim_end().to_owned(),
+        body: Vec::new(),
+    };
+    let n = r
+        .header("content-length")
+        .unwrap_or_else(|| panic!("no Content-Length in {:?}", r.head))
+        .parse()
+        .expect("a numeric Content-Length");
+    r.body = read_exact(s, n).await;
+    r
+}
+
+/// Reads until the peer closes (bounded by [`WAIT`]).
+async fn until_close(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection");
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Request smuggling
+
+/// `Connection: content-length` made the lane drop the request's
+/// `Content-Length` while still sending the body: the upstream read the
+/// body as the next request, one the proxy never checked (here a path
+/// outside the base path). hyper frames the upstream request by the body.
+#[tokio::test]
+async fn a_content_length_listed_in_connection_still_frames_the_body_upstream() {
+    let mut up = RawUp::start(|_| ok("ok")).await;
+    let front = Front::start(&up.url(), "").await;
+    let smuggled = "GET /outside-base HTTP/1.1\r\nHost: x\r\n\r\n";
+    let req = format!(
+        "POST /form HTTP/1.1\r\nHost: {}\r\nConnection: content-length\r\n\
+         Content-Length: {}\r\n\r\n{smuggled}",
+        front.proxy,
+        smuggled.len()
+    );
+    let mut c = TcpStream::connect(front.proxy).await.expect("connect");
+    c.write_all(req.as_bytes()).await.expect("write");
+    let r = response(&mut c).await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    let seen = up.next().await;
+    assert!(seen.line.starts_with("POST /base/form "), "{seen:?}");
+    assert_eq!(seen.body, smuggled.as_bytes(), "{seen:?}");
+    assert!(
+        seen.head
+            .to_ascii_lowercase()
+            .contains(&format!("\r\ncontent-length: {}", smuggled.len())),
+        "{seen:?}"
+    );
+    // One more request through the proxy: the only other request upstream.
+    c.write_all(format!("GET /after HTTP/1.1\r\nHost: {}\r\n\r\n", front.proxy).as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(response(&mut c).await.status, 200);
+    let next = up.next().await;
+    assert!(next.line.starts_with("GET /base/after "), "{next:?}");
+}
+
+/// The same on the way back: a response whose `Connection` lists
+/// `Content-Length` lost its only framing on a keep-alive connection, so
+/// the client could not tell where it ended.
+#[tokio::test]
+async fn a_response_content_length_listed_in_connection_still_frames_it() {
+    let up = RawUp::start(|_| {
+        b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello".to_vec()
+    })
+    .await;
+    let front = Front::start(&up.url(), "").await;
+    let mut c = TcpStream::connect(front.proxy).await.expect("connect");
+    for _ in 0..2 {
+        c.write_all(format!("GET /x HTTP/1.1\r\nHost: {}\r\n\r\n", front.proxy).as_bytes())
+            .await
+            .expect("write");
+        let r = response(&mut c).await;
+        assert_eq!((r.status, r.body_text().as_str()), (200, "hello"), "{r:?}");
+    }
+}
+
+/// An upstream that sends both framings: the client must get one
+/// (RFC 9112 6.3: the `Content-Length` goes), else a client that trusts
+/// `Content-Length` reads the chunk framing as the next response.
+#[tokio::test]
+async fn a_response_with_content_length_and_chunked_reaches_the_client_with_one() {
+    let up = RawUp::start(|_| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\n\r\n"
+            .to_vec()
+    })
+    .await;
+    let front = Front::start(&up.url(), "").await;
+    let mut c = TcpStream::connect(front.proxy).await.expect("connect");
+    c.write_all(format!("GET /x HTTP/1.1\r\nHost: {}\r\n\r\n", front.proxy).as_bytes())
+        .await
+        .expect("write");
+    let head = read_head(&mut c).await;
+    let r = upstream::parse_response(head.as_bytes());
+    assert_eq!(r.status, 200, "{head}");
+    assert!(
+        !(r.has_header("content-length") && r.has_header("transfer-encoding")),
+        "both framings went to the client: {head}"
+    );
+}
+
+/// An upstream that answered before the whole request body arrived (413,
+/// 401) still expects the rest of that body on its connection; the lane
+/// stopped sending it but put the connection back in the pool, so the next
+/// request's first bytes were taken as that body and the rest of it as a
+/// request of its own.
+#[tokio::test]
+async fn a_connection_answered_before_the_whole_body_is_not_reused() {
+    let mut up = RawUp::start(|line| {
+        if line.contains("/early") {
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n".to_vec()
+        } else {
+            ok("ok")
+        }
+    })
+    .await;
+    let front = Front::start(&up.url(), "").await;
+
+    // Half of the body now; the rest never comes.
+    let mut c = TcpStream::connect(front.proxy).await.expect("connect");
+    let req = format!(
+        "POST /early HTTP/1.1\r\nHost: {}\r\nContent-Length: 10\r\n\r\n12345",
+        front.proxy
+    );
+    c.write_all(req.as_bytes()).await.expect("write");
+    let r = response(&mut c).await;
+    assert_eq!(r.status, 413, "{r:?}");
+
+    let mut c = TcpStream::connect(front.proxy).await.expect("connect");
+    c.write_all(format!("GET /second HTTP/1.1\r\nHost: {}\r\n\r\n", front.proxy).as_bytes())
+        .await
+        .expect("write");
+    let r = response(&mut c).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = loop {
+        let seen = up.next().await;
+        if seen.line.contains("second") {
+            break seen;
+        }
+    };
+    assert!(
+        seen.line.starts_with("GET /base/second "),
+        "the upstream read the request out of step: {seen:?}"
+    );
+    assert_ne!(seen.conn, 1, "{seen:?}");
+}
+
+/// An interim `100 Continue` the upstream sends unasked (RFC 9110 15.2:
+/// a client must take it) while the request body is on its way asks for
+/// the rest of the body; the lane took it for an early final answer,
+/// stopped sending the body and waited for an answer the upstream could
+/// not give until `proxy.request_timeout` (504). hyper sends on.
+#[tokio::test]
+async fn an_unasked_100_continue_does_not_stop_the_request_body() {
+    let mut up = RawUp::start(|_| ok("got it")).await;
+    let front = Front::start(&up.url(), r#"proxy.request_timeout = "3s""#).await;
+    let mut c = TcpStream::connect(front.proxy).await.expect("connect");
+    let req = format!(
+        "POST /continue HTTP/1.1\r\nHost: {}\r\nContent-Length: 10\r\n\r\n12345",
+        front.proxy
+    );
+    c.write_all(req.as_bytes()).await.expect("write");
+    // Let the 100 reach the proxy before the rest of the body (no event to
+    // wait for: without the pause the test passes either way).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.write_all(b"67890").await.expect("write");
+    let r = response(&mut c).await;
+    assert_eq!((r.status, r.body_text().as_str()), (200, "got it"), "{r:?}");
+    let seen = up.next().await;
+    assert_eq!(seen.body, b"1234567890", "{seen:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Request targets
+
+/// `#` cannot be in a request target; hyper cuts it and what follows (here
+/// leaving `/..`, refused as a dot-segment). The lane forwarded the bytes
+/// as they came, so `/..#` passed the dot-segment check and reached the
+/// upstream, which may well cut the fragment and go above the base path.
+#[tokio::test]
+async fn a_dot_segment_before_a_fragment_is_refused() {
+    let mut up = RawUp::start(|_| ok("ok")).await;
+    let front = Front::start(&up.url(), "").await;
+    for target in ["/..#x", "/a/..#/b", "/a<b>"] {
+        let r = front.get_raw(target, "").await;
+        assert_eq!(r.status, 400, "{target}: {r:?}");
+    }
+    assert!(
+        up.seen.try_recv().is_err(),
+        "a request reached the upstream"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Timeouts
+
+/// A request head must arrive whole within `proxy.client_idle_timeout`
+/// (hyper's `header_read_timeout`); the lane restarted that wait on every
+/// byte, so a client sending one byte at a time held its connection (and
+/// one of `proxy.max_connections`) for as long as it liked.
+#[tokio::test]
+async fn a_request_head_sent_a_byte_at_a_time_is_cut_off() {
+    let up = RawUp::start(|_| ok("ok")).await;
+    let front = Front::start(&up.url(), r#"proxy.client_idle_timeout = "200ms""#).await;
+    let c = TcpStream::connect(front.proxy).await.expect("connect");
+    let (mut rd, mut wr) = c.into_split();
+    let closed = tokio::spawn(async move {
+        let mut sink = Vec::new();
+        let _ = rd.read_to_end(&mut sink).await;
+    });
+    wr.write_all(b"GET /x HTTP/1.1\r\nX-Slow: ")
+        .await
+        .expect("write");
+    // Up to 15 idle periods of a byte every quarter period.
+    for _ in 0..60 {
+        if closed.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if wr.write_all(b"a").await.is_err() {
+            break;
+        }
+    }
+    assert!(
+        closed.is_finished(),
+        "the connection is still open after 15 idle periods of dribbling"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Connection management on the wire
+
+/// hyper says `Connection: close` on the answer to a request that asked
+/// for it; the lane closed without saying so.
+#[tokio::test]
+async fn the_answer_to_a_closing_request_says_connection_close() {
+    let up = RawUp::start(|_| ok("bye")).await;
+    let front = Front::start(&up.url(), "").await;
+    let mut c = TcpStream::connect(front.proxy).await.expect("connect");
+    c.write_all(
+        format!(
+            "GET /x HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            front.proxy
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let out = until_close(&mut c).await;
+    let r = upstream::parse_response(&out);
+    assert_eq!((r.status, r.body_text().as_str()), (200, "bye"), "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+
+    // The sidecar's own answers too.
+    let r = front.get_raw("/a/../b", "").await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Access log
+
+/// What this test's thread logs (every task of a current-thread test runs
+/// on it), as JSON lines.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<LogBuffer>> = const { std::cell::RefCell::new(None) };
+}
+
+struct ThreadWriter;
+
+impl std::io::Write for ThreadWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        CAPTURE.with(|c| {
+            if let Some(b) = &*c.borrow() {
+                b.0.lock().unwrap().extend_from_slice(buf);
+            }
+        });
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    fn capture() -> LogBuffer {
+        static INIT: std::sync::Once = std::sync::Once::new();
+        INIT.call_once(|| {
+            tracing_subscriber::fmt()
+                .json()
+                .flatten_event(true)
+                .with_env_filter("info")
+                .with_writer(|| ThreadWriter)
+                .init();
+        });
+        let buf = LogBuffer::default();
+        CAPTURE.with(|c| *c.borrow_mut() = Some(buf.clone()));
+        buf
+    }
+
+    fn access_lines(&self) -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["target"] == "token_sidecar::access")
+            .collect()
+    }
+}
+
+/// `bytes_out` counts body bytes, as the hyper path counts its data
+/// frames; the lane counted a chunked body's framing (sizes, CRLFs, the
+/// last chunk) as well.
+#[tokio::test]
+async fn bytes_out_of_a_chunked_response_counts_its_payload() {
+    let logs = LogBuffer::capture();
+    let up = RawUp::start(|_| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+            .to_vec()
+    })
+    .await;
+    let front = Front::start(&up.url(), "").await;
+    let r = front.get_raw("/x", "").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    support::eventually(WAIT, "the access log line", || {
+        let n = logs.access_lines().len();
+        async move { n > 0 }
+    })
+    .await;
+    let lines = logs.access_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["bytes_out"], 11, "{lines:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Shutdown
+
+/// A response in flight when shutdown begins still reaches its client, and
+/// says `Connection: close` as hyper's does once keep-alive is off; the
+/// lane closed the connection after it without saying so.
+#[tokio::test]
+async fn a_response_in_flight_at_shutdown_arrives_and_says_connection_close() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let up = {
+        let release = release.clone();
+        upstream::Upstream::start(move |_req: http::Request<hyper::body::Incoming>| {
+            let (release, arrived_tx) = (release.clone(), arrived_tx.clone());
+            async move {
+                let _ = arrived_tx.send(());
+                release.notified().await;
+                http::Response::new(upstream::TestBody::text("late"))
+            }
+        })
+        .await
+    };
+    let front = Front::start(&up.url("/base/"), "").await;
+    let proxy = front.proxy;
+    let mut c = TcpStream::connect(proxy).await.expect("connect");
+    c.write_all(format!("GET /slow HTTP/1.1\r\nHost: {proxy}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    tokio::time::timeout(WAIT, arrived.recv())
+        .await
+        .expect("the request reaches the upstream");
+
+    let shutdown = tokio::spawn(front.sidecar.shutdown_now());
+    // Shutdown has begun once new connections are refused.
+    support::eventually(WAIT, "the listener closes", || async move {
+        TcpStream::connect(proxy).await.is_err()
+    })
+    .await;
+    release.notify_one();
+    let out = until_close(&mut c).await;
+    let r = upstream::parse_response(&out);
+    assert_eq!((r.status, r.body_text().as_str()), (200, "late"), "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    tokio::time::timeout(WAIT, shutdown)
+        .await
+        .expect("shutdown ends")
+        .expect("shutdown task");
+}

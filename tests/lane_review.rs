@@ -541,3 +541,58 @@ async fn a_response_in_flight_at_shutdown_arrives_and_says_connection_close() {
         .expect("shutdown ends")
         .expect("shutdown task");
 }
+
+/// A client that leaves while its request waits for the upstream gets no
+/// answer and is not counted as a bad request: the exchange just ends
+/// (access log status 0), as on the hyper path.
+#[tokio::test]
+async fn a_client_leaving_before_the_answer_is_not_a_bad_request() {
+    let logs = LogBuffer::capture();
+    // An upstream that takes requests and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (got, mut requests) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let _ = got.send(());
+                }
+            });
+        }
+    });
+    let front = Front::start(&format!("http://{addr}/"), "").await;
+    let mut c = TcpStream::connect(front.proxy).await.expect("connect");
+    c.write_all(b"GET /waits HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    tokio::time::timeout(WAIT, requests.recv())
+        .await
+        .expect("the request reached the upstream");
+    drop(c);
+    support::eventually(WAIT, "the access log line", || {
+        let n = logs.access_lines().len();
+        async move { n > 0 }
+    })
+    .await;
+    assert_eq!(
+        logs.access_lines()[0]["status"],
+        0,
+        "{:?}",
+        logs.access_lines()
+    );
+    let metrics = support::client()
+        .get(format!("http://{}/metrics", front.sidecar.admin_addr))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(!metrics.contains("code=\"bad_request\""), "{metrics}");
+}

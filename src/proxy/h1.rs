@@ -151,6 +151,9 @@ pub fn parse_request(buf: &[u8], head: &mut RequestHead, forwarded: bool) -> Par
             .push((Span::of(buf, name), Span::of(buf, value)));
     }
     head.content_length = content_length.unwrap_or(0);
+    if usize::try_from(head.content_length).is_err() {
+        return Parse::Fallback; // a body longer than this machine can count
+    }
     Parse::Ready
 }
 

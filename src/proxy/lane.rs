@@ -352,7 +352,10 @@ impl Conn<'_> {
         let close = self.head.close;
         let next = match self.forward(&ex).await {
             Ok(next) => next,
-            Err((e, body_left)) => {
+            // The client went away while waiting: nobody to answer (the
+            // access log line says status 0, as on the hyper path).
+            Err((None, _)) => Next::Close,
+            Err((Some(e), body_left)) => {
                 let next = self.answer(&e, &ex, head_request, body_left).await;
                 if body_left {
                     Next::Close // the rest of the request body is still on the way
@@ -362,6 +365,9 @@ impl Conn<'_> {
             }
         };
         self.buf.advance(consumed);
+        if self.out.capacity() > TRANSFER_BUF {
+            self.out = Vec::with_capacity(2 * 1024); // a replayed body was in it
+        }
         if close {
             Next::Close
         } else {
@@ -372,12 +378,12 @@ impl Conn<'_> {
     /// Checks, token, upstream exchange (with replays), response to the
     /// client. An error comes back before anything was written to the
     /// client, with whether request body bytes are left unread.
-    async fn forward(&mut self, ex: &Exchange) -> Result<Next, (ProxyError, bool)> {
+    async fn forward(&mut self, ex: &Exchange) -> Result<Next, (Option<ProxyError>, bool)> {
         let proxy = self.proxy;
         let body_left = (self.head.content_length as usize) > self.buf.len() - self.head.len;
         let path = std::str::from_utf8(self.head.path.get(&self.buf)).unwrap_or("/");
-        proxy.check_path(path).map_err(|e| (e, body_left))?;
-        let (generation, bearer) = proxy.bearer().await.map_err(|e| (e, body_left))?;
+        proxy.check_path(path).map_err(|e| (Some(e), body_left))?;
+        let (generation, bearer) = proxy.bearer().await.map_err(|e| (Some(e), body_left))?;
         ex.generation.store(generation, Ordering::Relaxed);
 
         let replay = proxy.cfg.retry_on_401 != RetryOn401::Off;
@@ -429,7 +435,7 @@ impl Conn<'_> {
         ex: &Exchange,
         bearer: &HeaderValue,
         mut body: Body<'_>,
-    ) -> Result<(UpConn, ResponseHead, bool), ProxyError> {
+    ) -> Result<(UpConn, ResponseHead, bool), Option<ProxyError>> {
         let proxy = self.proxy;
         let started = Instant::now();
         let sending = async {
@@ -474,13 +480,13 @@ impl Conn<'_> {
         ex.upstream_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
-            Err(_) => Err(ProxyError::UpstreamTimeout),
-            Ok(Err(SendError::Upstream(e))) => Err(ProxyError::UpstreamUnavailable(Box::new(e))),
-            Ok(Err(SendError::ClientIdle)) => Err(ProxyError::ClientBodyTimeout),
-            Ok(Err(SendError::ClientBody(e))) => Err(ProxyError::ClientBody(Box::new(e))),
-            Ok(Err(SendError::ClientGone)) => Err(ProxyError::ClientBody(Box::new(
-                io::Error::from(io::ErrorKind::UnexpectedEof),
-            ))),
+            Err(_) => Err(Some(ProxyError::UpstreamTimeout)),
+            Ok(Err(SendError::Upstream(e))) => {
+                Err(Some(ProxyError::UpstreamUnavailable(Box::new(e))))
+            }
+            Ok(Err(SendError::ClientIdle)) => Err(Some(ProxyError::ClientBodyTimeout)),
+            Ok(Err(SendError::ClientBody(e))) => Err(Some(ProxyError::ClientBody(Box::new(e)))),
+            Ok(Err(SendError::ClientGone)) => Err(None),
             Ok(Ok(sent)) => Ok(sent),
         }
     }
@@ -503,7 +509,10 @@ impl Conn<'_> {
                 r = timeout(idle, self.io.read(&mut chunk[..want])) => match r {
                     Err(_) => return Err(SendError::ClientIdle),
                     Ok(Err(e)) => return Err(SendError::ClientBody(e)),
-                    Ok(Ok(0)) => return Err(SendError::ClientGone),
+                    // Cut short: answered 400 (if anyone listens), as hyper does.
+                    Ok(Ok(0)) => {
+                        return Err(SendError::ClientBody(io::ErrorKind::UnexpectedEof.into()))
+                    }
                     Ok(Ok(n)) => n,
                 },
                 // An early answer (413, 401...): stop sending, read it.

@@ -594,5 +594,12 @@ async fn a_client_leaving_before_the_answer_is_not_a_bad_request() {
         .text()
         .await
         .expect("metrics text");
-    assert!(!metrics.contains("code=\"bad_request\""), "{metrics}");
+    assert_eq!(
+        support::metric(
+            &metrics,
+            "token_sidecar_local_responses_total{error=\"bad_request\"}"
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
 }

@@ -603,3 +603,42 @@ async fn a_client_leaving_before_the_answer_is_not_a_bad_request() {
         "{metrics}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Timers: one per connection, each deadline counted from its own start.
+
+/// The keep-alive idle timeout and the request timeout count from the
+/// request (or the last response), not from when the connection opened:
+/// the lane keeps one timer per connection and moves it lazily, and a
+/// deadline left over from an earlier request must not cut a later one.
+/// (The pauses are the scenario: time passing between requests.)
+#[tokio::test]
+async fn deadlines_count_from_each_request_not_from_the_connection() {
+    let up = upstream::Upstream::start(|req| async move {
+        if req.uri().path().ends_with("/slow") {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        upstream::response(200, &[], upstream::TestBody::text("ok"))
+    })
+    .await;
+    let front = Front::start(
+        &up.url("/base/"),
+        "proxy.client_idle_timeout = \"1s\"\nproxy.request_timeout = \"1s\"",
+    )
+    .await;
+    let mut c = TcpStream::connect(front.proxy).await.expect("connect");
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").into_bytes();
+    // 4 requests 0.6 s apart: 1.8 s on one connection, never 1 s idle.
+    for _ in 0..4 {
+        c.write_all(&get("/fast")).await.expect("write");
+        assert_eq!(response(&mut c).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    // 2.4 s after the connection opened, a request taking 0.7 s is within
+    // its own 1 s.
+    c.write_all(&get("/slow")).await.expect("write");
+    assert_eq!(response(&mut c).await.status, 200);
+    // Then idle: closed after about 1 s.
+    let closed = until_close(&mut c).await;
+    assert!(closed.is_empty(), "{closed:?}");
+}

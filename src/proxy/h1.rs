@@ -389,9 +389,11 @@ pub fn says_invalid_token(value: &[u8]) -> bool {
 
 /// A hop-by-hop field name: the one list both directions and both paths use.
 fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
+    // Most names have a length none of these has: no comparison at all.
+    matches!(name.len(), 2 | 7 | 10 | 16 | 17 | 18)
+        && HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
 }
 
 /// What the `Connection` fields of a head say.
@@ -669,6 +671,17 @@ mod tests {
         let raw = "POST /p HTTP/1.1\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc";
         let out = upstream_head(raw, None);
         assert!(out.contains("\r\nContent-Length: 3\r\n"), "{out}");
+    }
+
+    #[test]
+    fn hop_by_hop_names_are_known_whatever_their_length() {
+        for h in &HOP_BY_HOP {
+            assert!(
+                is_hop_by_hop(h.as_str().to_ascii_uppercase().as_bytes()),
+                "{h}"
+            );
+        }
+        assert!(!is_hop_by_hop(b"content-length"));
     }
 
     #[test]

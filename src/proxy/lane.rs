@@ -198,36 +198,91 @@ async fn reap(lane: Weak<Lane>, timeout: Duration) {
     }
 }
 
-/// The shutdown signal of one connection, polled without re-registering.
-struct Stop<'a> {
-    changed: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
-    fired: bool,
+/// The shutdown signal of one connection. Checking it is one atomic load
+/// (`has_changed`); the wake-up for an idle connection is registered once
+/// per connection: the task's waker stays the same for its life, so the
+/// registered future need not be polled again (each poll takes a lock).
+struct Stop {
+    rx: watch::Receiver<Option<Duration>>,
+    changed: Pin<Box<dyn Future<Output = ()> + Send>>,
+    registered: bool,
 }
 
-impl<'a> Stop<'a> {
-    fn new(rx: &'a mut watch::Receiver<Option<Duration>>) -> Self {
+impl Stop {
+    fn new(rx: watch::Receiver<Option<Duration>>) -> Self {
+        let mut waiter = rx.clone();
         Stop {
+            rx,
             changed: Box::pin(async move {
-                let _ = rx.changed().await;
+                let _ = waiter.changed().await;
             }),
-            fired: false,
+            registered: false,
         }
     }
 
+    /// Whether shutdown has begun (a closed channel counts).
+    fn fired(&self) -> bool {
+        self.rx.has_changed().unwrap_or(true)
+    }
+
+    /// Ready once shutdown has begun; wakes this task when it does.
     fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.fired && self.changed.as_mut().poll(cx).is_ready() {
-            self.fired = true;
+        if self.fired() {
+            return Poll::Ready(());
         }
-        if self.fired {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+        if !self.registered {
+            if self.changed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            self.registered = true;
+        }
+        Poll::Pending
+    }
+}
+
+/// A deadline that moves often and rarely passes, on one timer per
+/// connection: setting it costs nothing; the timer is moved only when it
+/// fires early (tokio's `timeout` would insert and remove a timer entry per
+/// request).
+struct Deadline {
+    at: Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new(at: Instant) -> Self {
+        Deadline {
+            at,
+            timer: Box::pin(tokio::time::sleep_until(at)),
         }
     }
 
-    /// Whether shutdown has begun (without waiting).
-    async fn fired(&mut self) -> bool {
-        std::future::poll_fn(|cx| Poll::Ready(self.poll_fired(cx).is_ready())).await
+    fn set(&mut self, at: Instant) {
+        self.at = at;
+    }
+
+    /// Ready once the deadline has passed.
+    fn poll_passed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= self.at {
+                return Poll::Ready(());
+            }
+            let at = self.at;
+            self.timer.as_mut().reset(at);
+        }
+        Poll::Pending
+    }
+
+    /// Runs `fut` until the deadline; `None` if it passed first.
+    async fn run<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            self.poll_passed(cx).map(|()| None)
+        })
+        .await
     }
 }
 
@@ -242,7 +297,9 @@ struct Conn<'p> {
     out: Vec<u8>,
     fields: Vec<(Span, Span)>,
     /// Shutdown: once it has begun, each answer says `Connection: close`.
-    stop: Stop<'p>,
+    stop: Stop,
+    /// `proxy.request_timeout` of the exchange under way (out while it runs).
+    request_deadline: Option<Deadline>,
 }
 
 /// What happened to an exchange, for the connection.
@@ -259,8 +316,9 @@ pub async fn serve(
     lane: &Arc<Lane>,
     io: ClientIo,
     peer: SocketAddr,
-    mut stop: watch::Receiver<Option<Duration>>,
+    stop: watch::Receiver<Option<Duration>>,
 ) -> Option<Prefixed<ClientIo>> {
+    let now = Instant::now();
     let mut c = Conn {
         proxy,
         lane,
@@ -270,15 +328,15 @@ pub async fn serve(
         head: RequestHead::default(),
         out: Vec::with_capacity(2 * 1024),
         fields: Vec::new(),
-        stop: Stop::new(&mut stop),
+        stop: Stop::new(stop),
+        request_deadline: Some(Deadline::new(now + proxy.cfg.request_timeout)),
     };
-    let idle = proxy.cfg.client_idle_timeout;
-    let mut idle_timer = Box::pin(tokio::time::sleep(idle));
+    let mut idle = Deadline::new(now + proxy.cfg.client_idle_timeout);
     loop {
         // The whole head must come within the idle timeout of the last
         // response (hyper's `header_read_timeout`): a byte now and then
         // does not keep a connection.
-        let head_wait_started = Instant::now();
+        idle.set(Instant::now() + proxy.cfg.client_idle_timeout);
         // A complete head, or the reason there is none.
         loop {
             match h1::parse_request(&c.buf, &mut c.head, proxy.cfg.forwarded_headers) {
@@ -296,16 +354,7 @@ pub async fn serve(
                 biased;
                 r = c.io.read_buf(&mut c.buf) => r,
                 () = std::future::poll_fn(|cx| c.stop.poll_fired(cx)), if waiting_idle => return None,
-                // One timer per connection, moved only when it fires: the
-                // keep-alive wait of each request costs no timer operation.
-                () = idle_timer.as_mut() => {
-                    let deadline = head_wait_started + idle;
-                    if Instant::now() >= deadline {
-                        return None;
-                    }
-                    idle_timer.as_mut().reset(deadline);
-                    continue;
-                }
+                () = std::future::poll_fn(|cx| idle.poll_passed(cx)) => return None,
             };
             match read {
                 Ok(n) if n > 0 => {}
@@ -318,7 +367,7 @@ pub async fn serve(
             _ => return Some(Prefixed::new(c.buf.freeze(), c.io)),
         };
         let next = c.exchange(method).await;
-        if matches!(next, Next::Close) || c.stop.fired().await {
+        if matches!(next, Next::Close) || c.stop.fired() {
             let _ = c.io.shutdown().await;
             return None;
         }
@@ -438,6 +487,12 @@ impl Conn<'_> {
     ) -> Result<(UpConn, ResponseHead, bool), Option<ProxyError>> {
         let proxy = self.proxy;
         let started = Instant::now();
+        let until = started + proxy.cfg.request_timeout;
+        let mut deadline = self
+            .request_deadline
+            .take()
+            .unwrap_or_else(|| Deadline::new(until));
+        deadline.set(until);
         let sending = async {
             let (mut up, _reused) = self.lane.checkout().await?;
             self.out.clear();
@@ -458,7 +513,7 @@ impl Conn<'_> {
             let sent_all = match &mut body {
                 Body::Copy(copy) => {
                     self.out.extend_from_slice(copy);
-                    write_up(&mut up.io, &self.out, proxy.cfg.body_idle_timeout).await?;
+                    up.io.write_all(&self.out).await.map_err(LaneError::Io)?;
                     true
                 }
                 Body::Client(copy) => {
@@ -467,7 +522,7 @@ impl Conn<'_> {
                     if let Some(c) = copy.as_mut() {
                         c.extend_from_slice(first);
                     }
-                    write_up(&mut up.io, &self.out, proxy.cfg.body_idle_timeout).await?;
+                    up.io.write_all(&self.out).await.map_err(LaneError::Io)?;
                     ex.bytes_up.fetch_add(in_buf as u64, Ordering::Relaxed);
                     let rest = (length - in_buf) as u64;
                     rest == 0 || self.stream_body(&mut up, rest, copy, ex).await?
@@ -476,18 +531,19 @@ impl Conn<'_> {
             let resp = self.response_head(&mut up).await?;
             Ok::<_, SendError>((up, resp, sent_all))
         };
-        let result = timeout(proxy.cfg.request_timeout, sending).await;
+        let result = deadline.run(sending).await;
+        self.request_deadline = Some(deadline);
         ex.upstream_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
-            Err(_) => Err(Some(ProxyError::UpstreamTimeout)),
-            Ok(Err(SendError::Upstream(e))) => {
+            None => Err(Some(ProxyError::UpstreamTimeout)),
+            Some(Err(SendError::Upstream(e))) => {
                 Err(Some(ProxyError::UpstreamUnavailable(Box::new(e))))
             }
-            Ok(Err(SendError::ClientIdle)) => Err(Some(ProxyError::ClientBodyTimeout)),
-            Ok(Err(SendError::ClientBody(e))) => Err(Some(ProxyError::ClientBody(Box::new(e)))),
-            Ok(Err(SendError::ClientGone)) => Err(None),
-            Ok(Ok(sent)) => Ok(sent),
+            Some(Err(SendError::ClientIdle)) => Err(Some(ProxyError::ClientBodyTimeout)),
+            Some(Err(SendError::ClientBody(e))) => Err(Some(ProxyError::ClientBody(Box::new(e)))),
+            Some(Err(SendError::ClientGone)) => Err(None),
+            Some(Ok(sent)) => Ok(sent),
         }
     }
 
@@ -593,7 +649,7 @@ impl Conn<'_> {
         let close = body_left
             || resp.framing == Framing::UntilClose
             || self.head.close
-            || self.stop.fired().await;
+            || self.stop.fired();
         self.out.clear();
         self.out.extend_from_slice(b"HTTP/1.1 ");
         self.out
@@ -784,7 +840,7 @@ impl Conn<'_> {
             h1_field(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
         }
         let says_close = headers.contains_key(http::header::CONNECTION);
-        let close = says_close || body_left || self.head.close || self.stop.fired().await;
+        let close = says_close || body_left || self.head.close || self.stop.fired();
         if close && !says_close {
             h1_field(&mut self.out, b"connection", b"close");
         }

@@ -25,8 +25,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -40,6 +40,7 @@ use tracing::debug;
 
 use super::body::Exchange;
 use super::h1::{self, Framing, Parse, RequestHead, ResponseHead, ResponseParse, Span};
+use super::idle::{IdleConn, IdleStack};
 use super::stall::StallGuard;
 use super::{ProxyError, MAX_REPLAYS};
 use crate::config::RetryOn401;
@@ -81,16 +82,19 @@ pub struct Lane {
     /// `Host` of every request, as hyper-util's client writes it.
     host_header: HeaderValue,
     connect_timeout: Duration,
-    idle_timeout: Duration,
-    idle: Mutex<Vec<UpConn>>,
-    reaper_started: AtomicBool,
+    idle: Arc<IdleStack<UpConn>>,
 }
 
 /// A connection to the upstream and what was read from it but not yet used.
 struct UpConn {
     io: TcpStream,
     buf: BytesMut,
-    since: Instant,
+}
+
+impl IdleConn for UpConn {
+    fn usable(&self) -> bool {
+        still_open(&self.io)
+    }
 }
 
 impl Lane {
@@ -115,22 +119,15 @@ impl Lane {
             port: upstream.port_or_known_default()?,
             host_header,
             connect_timeout,
-            idle_timeout,
-            idle: Mutex::new(Vec::new()),
-            reaper_started: AtomicBool::new(false),
+            idle: IdleStack::new(idle_timeout),
         }))
     }
 
     /// The most recently used idle connection still open, or a new one;
     /// says whether it was reused.
     async fn checkout(self: &Arc<Self>) -> Result<(UpConn, bool), LaneError> {
-        {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            while let Some(conn) = idle.pop() {
-                if conn.since.elapsed() < self.idle_timeout && still_open(&conn.io) {
-                    return Ok((conn, true));
-                }
-            }
+        if let Some(conn) = self.idle.pop() {
+            return Ok((conn, true));
         }
         let io = timeout(
             self.connect_timeout,
@@ -145,7 +142,6 @@ impl Lane {
         let conn = UpConn {
             io,
             buf: BytesMut::with_capacity(READ_BUF),
-            since: Instant::now(),
         };
         Ok((conn, false))
     }
@@ -157,14 +153,7 @@ impl Lane {
         if conn.buf.capacity() > 4 * READ_BUF {
             conn.buf = BytesMut::with_capacity(READ_BUF); // large heads are rare
         }
-        conn.since = Instant::now();
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(conn);
-        if !self.reaper_started.swap(true, Ordering::Relaxed) {
-            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
-        }
+        self.idle.push(conn);
     }
 }
 
@@ -178,23 +167,6 @@ fn still_open(io: &TcpStream) -> bool {
         Poll::Ready(Ok(())) => {
             matches!(io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
         }
-    }
-}
-
-/// Closes connections idle longer than the timeout; ends with the lane.
-async fn reap(lane: Weak<Lane>, timeout: Duration) {
-    let mut tick = tokio::time::interval(timeout.max(Duration::from_millis(100)));
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let Some(lane) = lane.upgrade() else { return };
-        let expired: Vec<UpConn> = {
-            let mut idle = lane.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let (keep, expired) = idle.drain(..).partition(|c| c.since.elapsed() < timeout);
-            *idle = keep;
-            expired
-        };
-        drop(expired); // closed outside the lock
     }
 }
 

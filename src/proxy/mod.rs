@@ -14,6 +14,7 @@ pub mod egress;
 pub mod error;
 pub mod h1;
 pub mod headers;
+pub mod idle;
 pub mod lane;
 pub mod path;
 pub mod pool;

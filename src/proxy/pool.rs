@@ -36,12 +36,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::Connection;
-use tokio::time::Instant;
 use tower_service::Service;
 use tracing::debug;
 
 use super::body::ProxyBody;
 use super::egress;
+use super::idle::{IdleConn, IdleStack};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -82,16 +82,16 @@ pub struct Pool {
     host: HeaderValue,
     /// Requests keep their absolute-form target (a forwarding egress proxy).
     absolute_form: bool,
-    idle_timeout: Duration,
-    idle: Mutex<Vec<Idle>>,
-    reaper_started: AtomicBool,
+    idle: Arc<IdleStack<SendRequest<ProxyBody>>>,
     /// Set once a connection negotiated HTTP/2: the general client takes over.
     http2: AtomicBool,
 }
 
-struct Idle {
-    tx: SendRequest<ProxyBody>,
-    since: Instant,
+impl IdleConn for SendRequest<ProxyBody> {
+    /// hyper says it can take a request (not closed, not busy).
+    fn usable(&self) -> bool {
+        self.is_ready()
+    }
 }
 
 impl Pool {
@@ -115,9 +115,7 @@ impl Pool {
             host: host_header(&scheme, authority),
             dst,
             absolute_form,
-            idle_timeout,
-            idle: Mutex::new(Vec::new()),
-            reaper_started: AtomicBool::new(false),
+            idle: IdleStack::new(idle_timeout),
             http2: AtomicBool::new(false),
         }
     }
@@ -183,16 +181,9 @@ impl Pool {
             .or_insert_with(|| self.host.clone());
     }
 
-    /// The most recently used idle connection that is ready; closed and
-    /// expired ones are dropped on the way.
+    /// The most recently used idle connection that is ready.
     fn checkout(&self) -> Option<SendRequest<ProxyBody>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(conn) = idle.pop() {
-            if conn.tx.is_ready() && conn.since.elapsed() < self.idle_timeout {
-                return Some(conn.tx);
-            }
-        }
-        None
+        self.idle.pop()
     }
 
     /// A new HTTP/1.1 connection, or `None` when the upstream chose HTTP/2.
@@ -225,20 +216,9 @@ impl Pool {
         Ok(Some(tx))
     }
 
-    fn push(self: &Arc<Self>, tx: SendRequest<ProxyBody>) {
-        let since = Instant::now();
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Idle { tx, since });
-        if !self.reaper_started.swap(true, Ordering::Relaxed) {
-            tokio::spawn(reap(Arc::downgrade(self), self.idle_timeout));
-        }
-    }
-
     fn checkin(self: &Arc<Self>, mut tx: SendRequest<ProxyBody>) {
         if tx.is_ready() {
-            return self.push(tx);
+            return self.idle.push(tx);
         }
         if tx.is_closed() {
             return;
@@ -248,29 +228,9 @@ impl Pool {
         let pool = self.clone();
         tokio::spawn(async move {
             if tx.ready().await.is_ok() {
-                pool.push(tx);
+                pool.idle.push(tx);
             }
         });
-    }
-}
-
-/// Closes connections idle for longer than the timeout (they would fail on
-/// checkout anyway; this closes them while nobody asks). Ends with the pool.
-async fn reap(pool: Weak<Pool>, timeout: Duration) {
-    let mut tick = tokio::time::interval(timeout.max(Duration::from_millis(100)));
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let Some(pool) = pool.upgrade() else { return };
-        let expired: Vec<Idle> = {
-            let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let (keep, expired) = idle
-                .drain(..)
-                .partition(|c| !c.tx.is_closed() && c.since.elapsed() < timeout);
-            *idle = keep;
-            expired
-        };
-        drop(expired); // closed outside the lock
     }
 }
 

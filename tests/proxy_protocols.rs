@@ -116,6 +116,56 @@ async fn http2_to_a_tls_upstream_under_a_private_ca() {
     assert_eq!(seen[0].headers["authorization"], front.bearer());
 }
 
+/// An https upstream that offers only HTTP/1.1 by ALPN: served by the fast
+/// lane over TLS (the h2 ones above go to hyper's client). Requests and
+/// bodies both ways arrive whole; every request carries the token.
+#[tokio::test]
+async fn http11_to_a_tls_upstream_that_offers_only_http11() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write_pem(dir.path());
+    let up = Upstream::start_tls_http1(
+        &ca.issue(&["127.0.0.1"]),
+        |req: Request<Incoming>| async move {
+            if req.uri().path().ends_with("/big") {
+                return response(200, &[], TestBody::generated(3 << 20));
+            }
+            describe(req).await
+        },
+    )
+    .await;
+    let front = Front::start(
+        &format!("https://{}/base/", up.addr),
+        &format!("proxy.ca_file = {:?}", ca_file.to_str().unwrap()),
+    )
+    .await;
+    let client = support::client();
+    for _ in 0..3 {
+        let resp = client.get(front.url("/x")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), "HTTP/1.1 0");
+    }
+    let upload = vec![7u8; 300 * 1024];
+    let resp = client
+        .post(front.url("/up"))
+        .body(upload)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.text().await.unwrap(),
+        format!("HTTP/1.1 {}", 300 * 1024)
+    );
+    let big = client.get(front.url("/big")).send().await.unwrap();
+    assert_eq!(big.bytes().await.unwrap().len(), 3 << 20);
+    let seen = up.seen();
+    assert_eq!(seen.len(), 5);
+    assert!(seen.iter().all(|s| s.version == Version::HTTP_11));
+    assert!(seen
+        .iter()
+        .all(|s| s.headers["authorization"] == front.bearer()));
+}
+
 #[tokio::test]
 async fn tls_failures_are_502_saying_tls() {
     let ca = TestCa::new();

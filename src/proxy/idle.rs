@@ -17,7 +17,7 @@ use tokio::time::Instant;
 /// What the stack needs to know of a connection.
 pub trait IdleConn: Send + 'static {
     /// Still usable (not closed by the peer, ready for a request).
-    fn usable(&self) -> bool;
+    fn usable(&mut self) -> bool;
 }
 
 pub struct IdleStack<C> {
@@ -44,7 +44,7 @@ impl<C: IdleConn> IdleStack<C> {
     /// the others met on the way are closed.
     pub fn pop(&self) -> Option<C> {
         let mut conns = self.lock();
-        while let Some((conn, since)) = conns.pop() {
+        while let Some((mut conn, since)) = conns.pop() {
             if since.elapsed() < self.timeout && conn.usable() {
                 return Some(conn);
             }
@@ -74,9 +74,15 @@ async fn reap<C: IdleConn>(stack: Weak<IdleStack<C>>) {
         let Some(stack) = stack.upgrade() else { return };
         let expired: Vec<(C, Instant)> = {
             let mut conns = stack.lock();
-            let (keep, expired) = conns
-                .drain(..)
-                .partition(|(c, since)| since.elapsed() < timeout && c.usable());
+            let mut expired = Vec::new();
+            let mut keep = Vec::with_capacity(conns.len());
+            for (mut c, since) in conns.drain(..) {
+                if since.elapsed() < timeout && c.usable() {
+                    keep.push((c, since));
+                } else {
+                    expired.push((c, since));
+                }
+            }
             *conns = keep;
             expired
         };

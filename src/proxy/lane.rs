@@ -25,17 +25,19 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Method};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
+use tokio_rustls::TlsConnector;
 use tracing::debug;
 
 use super::body::Exchange;
@@ -63,6 +65,11 @@ pub enum LaneError {
     Connect(#[source] io::Error),
     #[error("connecting to the upstream timed out (proxy.connect_timeout)")]
     ConnectTimeout,
+    #[error("TLS handshake with the upstream failed")]
+    Tls(#[source] io::Error),
+    /// The upstream chose HTTP/2 by ALPN: the request goes to hyper.
+    #[error("the upstream speaks HTTP/2")]
+    Http2,
     #[error("the upstream connection failed")]
     Io(#[source] io::Error),
     #[error("the upstream closed the connection before answering")]
@@ -83,44 +90,127 @@ pub struct Lane {
     host_header: HeaderValue,
     connect_timeout: Duration,
     idle: Arc<IdleStack<UpConn>>,
+    /// For an `https` upstream: the TLS client (ALPN `h2`, `http/1.1`) and
+    /// the name the certificate must have.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// Set when the upstream chose HTTP/2 by ALPN: hyper pools those
+    /// connections, so new connections stop coming to the lane.
+    off: AtomicBool,
 }
 
 /// A connection to the upstream and what was read from it but not yet used.
 struct UpConn {
-    io: TcpStream,
+    io: UpIo,
     buf: BytesMut,
 }
 
+impl UpConn {
+    /// Reads what the upstream sent into `buf` (room made first).
+    async fn read_more(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 512 {
+            self.buf.reserve(READ_BUF);
+        }
+        self.io.read_buf(&mut self.buf).await
+    }
+}
+
+/// An upstream connection: plain TCP, or TLS over it.
+enum UpIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 impl IdleConn for UpConn {
-    fn usable(&self) -> bool {
-        still_open(&self.io)
+    fn usable(&mut self) -> bool {
+        still_open(&mut self.io)
     }
 }
 
 impl Lane {
-    /// `None` when the lane cannot serve this upstream (`https`, or reached
-    /// through an egress proxy): hyper does everything then.
+    /// `None` when the lane cannot serve this upstream (reached through an
+    /// egress proxy): hyper does everything then. An `https` upstream is
+    /// served over TLS (`tls`: the proxy's client policy) until it turns
+    /// out to speak HTTP/2.
     pub fn new(
         upstream: &url::Url,
         host_header: HeaderValue,
         direct: bool,
+        tls: &rustls::ClientConfig,
         connect_timeout: Duration,
         idle_timeout: Duration,
     ) -> Option<Arc<Lane>> {
-        if upstream.scheme() != "http" || !direct {
+        if !direct {
             return None;
         }
-        let host = upstream.host_str()?;
+        let host = upstream
+            .host_str()?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let tls = match upstream.scheme() {
+            "http" => None,
+            "https" => {
+                let mut cfg = tls.clone();
+                cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                let name = ServerName::try_from(host.clone()).ok()?;
+                Some((TlsConnector::from(Arc::new(cfg)), name))
+            }
+            _ => return None,
+        };
         Some(Arc::new(Lane {
-            host: host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned(),
             port: upstream.port_or_known_default()?,
+            host,
             host_header,
             connect_timeout,
             idle: IdleStack::new(idle_timeout),
+            tls,
+            off: AtomicBool::new(false),
         }))
+    }
+
+    /// Whether the upstream turned out to speak HTTP/2 (hyper's then).
+    fn is_off(&self) -> bool {
+        self.off.load(Ordering::Relaxed)
     }
 
     /// The most recently used idle connection still open, or a new one;
@@ -139,6 +229,21 @@ impl Lane {
         let _ = io.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&keepalive);
+        let io = match &self.tls {
+            None => UpIo::Plain(io),
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), io)
+                    .await
+                    .map_err(LaneError::Tls)?;
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    // Not ours: hyper's client pools HTTP/2 connections.
+                    self.off.store(true, Ordering::Relaxed);
+                    return Err(LaneError::Http2);
+                }
+                UpIo::Tls(Box::new(tls))
+            }
+        };
         let conn = UpConn {
             io,
             buf: BytesMut::with_capacity(READ_BUF),
@@ -158,16 +263,14 @@ impl Lane {
 }
 
 /// Whether an idle connection is still open, without waiting: a closed one
-/// has become readable (EOF), a healthy idle one has not.
-fn still_open(io: &TcpStream) -> bool {
+/// reads EOF (or fails), a healthy idle one has nothing to read. A read
+/// with a no-op waker costs no system call while the socket is not
+/// readable; over TLS it also takes in what is not data (session tickets).
+fn still_open(io: &mut UpIo) -> bool {
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    match io.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        Poll::Ready(Ok(())) => {
-            matches!(io.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-        }
-    }
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    matches!(Pin::new(io).poll_read(&mut cx, &mut buf), Poll::Pending)
 }
 
 /// The shutdown signal of one connection. Checking it is one atomic load
@@ -278,6 +381,19 @@ struct Conn<'p> {
 enum Next {
     KeepAlive,
     Close,
+    /// The upstream speaks HTTP/2: hyper serves this request and the rest.
+    ToHyper,
+}
+
+/// Why an exchange ended before a response from the upstream.
+enum Failed {
+    /// The sidecar answers this error itself.
+    Answer(ProxyError),
+    /// The client went away: nobody to answer.
+    Gone,
+    /// Not for the lane after all (the upstream chose HTTP/2); nothing was
+    /// sent or read past the request head.
+    ToHyper,
 }
 
 /// Serves `io` until the client leaves, goes idle for
@@ -290,6 +406,9 @@ pub async fn serve(
     peer: SocketAddr,
     stop: watch::Receiver<Option<Duration>>,
 ) -> Option<Prefixed<ClientIo>> {
+    if lane.is_off() {
+        return Some(Prefixed::new(Bytes::new(), io));
+    }
     let now = Instant::now();
     let mut c = Conn {
         proxy,
@@ -339,6 +458,9 @@ pub async fn serve(
             _ => return Some(Prefixed::new(c.buf.freeze(), c.io)),
         };
         let next = c.exchange(method).await;
+        if matches!(next, Next::ToHyper) {
+            return Some(Prefixed::new(c.buf.freeze(), c.io));
+        }
         if matches!(next, Next::Close) || c.stop.fired() {
             let _ = c.io.shutdown().await;
             return None;
@@ -359,7 +481,7 @@ impl Conn<'_> {
             .and_then(|v| HeaderValue::from_bytes(v).ok())
             .unwrap_or_else(super::new_request_id);
         let path = std::str::from_utf8(self.head.path.get(&self.buf)).unwrap_or("/");
-        let ex = Exchange::new(
+        let mut ex = Exchange::new(
             method.clone(),
             path.into(),
             None,
@@ -375,8 +497,14 @@ impl Conn<'_> {
             Ok(next) => next,
             // The client went away while waiting: nobody to answer (the
             // access log line says status 0, as on the hyper path).
-            Err((None, _)) => Next::Close,
-            Err((Some(e), body_left)) => {
+            Err((Failed::Gone, _)) => Next::Close,
+            // Nothing was sent or read past the head: hyper takes the
+            // connection from this request on (and logs it).
+            Err((Failed::ToHyper, _)) => {
+                ex.access_log = false;
+                return Next::ToHyper;
+            }
+            Err((Failed::Answer(e), body_left)) => {
                 let next = self.answer(&e, &ex, head_request, body_left).await;
                 if body_left {
                     Next::Close // the rest of the request body is still on the way
@@ -399,12 +527,17 @@ impl Conn<'_> {
     /// Checks, token, upstream exchange (with replays), response to the
     /// client. An error comes back before anything was written to the
     /// client, with whether request body bytes are left unread.
-    async fn forward(&mut self, ex: &Exchange) -> Result<Next, (Option<ProxyError>, bool)> {
+    async fn forward(&mut self, ex: &Exchange) -> Result<Next, (Failed, bool)> {
         let proxy = self.proxy;
         let body_left = (self.head.content_length as usize) > self.buf.len() - self.head.len;
         let path = std::str::from_utf8(self.head.path.get(&self.buf)).unwrap_or("/");
-        proxy.check_path(path).map_err(|e| (Some(e), body_left))?;
-        let (generation, bearer) = proxy.bearer().await.map_err(|e| (Some(e), body_left))?;
+        proxy
+            .check_path(path)
+            .map_err(|e| (Failed::Answer(e), body_left))?;
+        let (generation, bearer) = proxy
+            .bearer()
+            .await
+            .map_err(|e| (Failed::Answer(e), body_left))?;
         ex.generation.store(generation, Ordering::Relaxed);
 
         let replay = proxy.cfg.retry_on_401 != RetryOn401::Off;
@@ -437,10 +570,19 @@ impl Conn<'_> {
             ex.generation.store(newer, Ordering::Relaxed);
             ex.replayed.store(true, Ordering::Relaxed);
             proxy.metrics.replayed_after_401();
-            (up, resp, _) = self
-                .send(ex, &bearer, Body::Copy(copy))
-                .await
-                .map_err(|e| (e, false))?;
+            (up, resp, _) =
+                self.send(ex, &bearer, Body::Copy(copy))
+                    .await
+                    .map_err(|e| match e {
+                        // Too late to hand over: the first answer was read.
+                        Failed::ToHyper => (
+                            Failed::Answer(ProxyError::UpstreamUnavailable(Box::new(
+                                LaneError::Http2,
+                            ))),
+                            false,
+                        ),
+                        e => (e, false),
+                    })?;
             rejected = newer;
             replays += 1;
         }
@@ -456,7 +598,7 @@ impl Conn<'_> {
         ex: &Exchange,
         bearer: &HeaderValue,
         mut body: Body<'_>,
-    ) -> Result<(UpConn, ResponseHead, bool), Option<ProxyError>> {
+    ) -> Result<(UpConn, ResponseHead, bool), Failed> {
         let proxy = self.proxy;
         let started = Instant::now();
         let until = started + proxy.cfg.request_timeout;
@@ -486,6 +628,8 @@ impl Conn<'_> {
                 Body::Copy(copy) => {
                     self.out.extend_from_slice(copy);
                     up.io.write_all(&self.out).await.map_err(LaneError::Io)?;
+                    // TLS may keep records back until flushed; TCP: a no-op.
+                    up.io.flush().await.map_err(LaneError::Io)?;
                     true
                 }
                 Body::Client(copy) => {
@@ -495,6 +639,8 @@ impl Conn<'_> {
                         c.extend_from_slice(first);
                     }
                     up.io.write_all(&self.out).await.map_err(LaneError::Io)?;
+                    // TLS may keep records back until flushed; TCP: a no-op.
+                    up.io.flush().await.map_err(LaneError::Io)?;
                     ex.bytes_up.fetch_add(in_buf as u64, Ordering::Relaxed);
                     let rest = (length - in_buf) as u64;
                     rest == 0 || self.stream_body(&mut up, rest, copy, ex).await?
@@ -508,13 +654,19 @@ impl Conn<'_> {
         ex.upstream_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
-            None => Err(Some(ProxyError::UpstreamTimeout)),
-            Some(Err(SendError::Upstream(e))) => {
-                Err(Some(ProxyError::UpstreamUnavailable(Box::new(e))))
+            None => Err(Failed::Answer(ProxyError::UpstreamTimeout)),
+            Some(Err(SendError::Upstream(LaneError::Http2))) => Err(Failed::ToHyper),
+            Some(Err(SendError::Upstream(e @ LaneError::Tls(_)))) => {
+                Err(Failed::Answer(ProxyError::UpstreamTls(Box::new(e))))
             }
-            Some(Err(SendError::ClientIdle)) => Err(Some(ProxyError::ClientBodyTimeout)),
-            Some(Err(SendError::ClientBody(e))) => Err(Some(ProxyError::ClientBody(Box::new(e)))),
-            Some(Err(SendError::ClientGone)) => Err(None),
+            Some(Err(SendError::Upstream(e))) => {
+                Err(Failed::Answer(ProxyError::UpstreamUnavailable(Box::new(e))))
+            }
+            Some(Err(SendError::ClientIdle)) => Err(Failed::Answer(ProxyError::ClientBodyTimeout)),
+            Some(Err(SendError::ClientBody(e))) => {
+                Err(Failed::Answer(ProxyError::ClientBody(Box::new(e))))
+            }
+            Some(Err(SendError::ClientGone)) => Err(Failed::Gone),
             Some(Ok(sent)) => Ok(sent),
         }
     }
@@ -544,12 +696,9 @@ impl Conn<'_> {
                     Ok(Ok(n)) => n,
                 },
                 // An early answer (413, 401...): stop sending, read it.
-                r = up.io.readable() => {
-                    r.map_err(LaneError::Io)?;
-                    if up.buf.capacity() - up.buf.len() < 512 {
-                        up.buf.reserve(READ_BUF);
-                    }
-                    match up.io.try_read_buf(&mut up.buf) {
+                // (Both reads may be dropped unfinished: neither loses bytes.)
+                r = up.read_more() => {
+                    match r {
                         Ok(0) => return Err(LaneError::Closed.into()),
                         Ok(_) => {
                             // An interim answer (a 100 Continue sent unasked)
@@ -564,7 +713,6 @@ impl Conn<'_> {
                             }
                             return Ok(false);
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Err(LaneError::Io(e).into()),
                     }
                 }
@@ -905,8 +1053,12 @@ impl From<h1::BadChunk> for BodyFault {
     }
 }
 
-async fn write_up(io: &mut TcpStream, bytes: &[u8], idle: Duration) -> Result<(), LaneError> {
-    match timeout(idle, io.write_all(bytes)).await {
+async fn write_up(io: &mut UpIo, bytes: &[u8], idle: Duration) -> Result<(), LaneError> {
+    let write = async {
+        io.write_all(bytes).await?;
+        io.flush().await
+    };
+    match timeout(idle, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(LaneError::Io(e)),
         Err(_) => Err(LaneError::Idle(idle)),

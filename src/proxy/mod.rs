@@ -123,6 +123,14 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector(&cfg, &route, tls.clone(), false));
+        let lane = lane::Lane::new(
+            &cfg.upstream,
+            pool::host_header(&scheme, &authority),
+            matches!(route, egress::Route::Direct),
+            &tls,
+            cfg.connect_timeout,
+            cfg.pool_idle_timeout,
+        );
         let pool = Arc::new(pool::Pool::new(
             connector(&cfg, &route, tls, true),
             handoff,
@@ -131,13 +139,7 @@ impl Proxy {
             matches!(route, egress::Route::Forward { .. }),
             cfg.pool_idle_timeout,
         ));
-        let lane = lane::Lane::new(
-            &cfg.upstream,
-            pool::host_header(&scheme, &authority),
-            matches!(route, egress::Route::Direct),
-            cfg.connect_timeout,
-            cfg.pool_idle_timeout,
-        );
+
         Ok(Proxy {
             base_url: cfg.upstream.as_str().to_owned(),
             base_path: cfg.upstream.path().to_owned(),

@@ -89,7 +89,7 @@ pub struct Pool {
 
 impl IdleConn for SendRequest<ProxyBody> {
     /// hyper says it can take a request (not closed, not busy).
-    fn usable(&self) -> bool {
+    fn usable(&mut self) -> bool {
         self.is_ready()
     }
 }

@@ -146,6 +146,15 @@ impl Upstream {
         Self::start_inner(handler, Some(cert.acceptor())).await
     }
 
+    /// TLS with ALPN `http/1.1` only (no HTTP/2), presenting `cert`.
+    pub async fn start_tls_http1<F, Fut>(cert: &Leaf, handler: F) -> Upstream
+    where
+        F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<TestBody>> + Send + 'static,
+    {
+        Self::start_inner(handler, Some(cert.acceptor_with(&[b"http/1.1"]))).await
+    }
+
     async fn start_inner<F, Fut>(handler: F, tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream
     where
         F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
@@ -285,6 +294,10 @@ impl TestCa {
 
 impl Leaf {
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptor_with(&[b"h2", b"http/1.1"])
+    }
+
+    pub fn acceptor_with(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
         let key = rustls_pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
@@ -293,7 +306,7 @@ impl Leaf {
             .with_no_client_auth()
             .with_single_cert(vec![self.cert_der.clone()], key)
             .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
     }
 }

@@ -16,10 +16,12 @@
 //! upgrade. Anything else (HTTP/2 prior knowledge, h2c, WebSocket, chunked
 //! uploads, HTTP/1.0, malformed or oversized heads) hands the connection, with
 //! every byte read so far, to hyper ([`Prefixed`]), which serves the rest of
-//! it; the upstream being `https` or behind an egress proxy keeps the lane
-//! off altogether. Both paths share the policy: path checks, the token, the
-//! 401 replay rule, error answers, hop-by-hop lists, `Location` rewriting,
-//! the access log and metrics.
+//! it. An `https` upstream is served over TLS while it answers ALPN with
+//! `http/1.1`; once it picks `h2`, requests go to hyper, whose client pools
+//! HTTP/2. An upstream behind an egress proxy keeps the lane off altogether.
+//! Both paths share the policy: path checks, the token, the 401 replay rule,
+//! error answers, hop-by-hop lists, `Location` rewriting, the access log and
+//! metrics.
 
 use std::future::Future;
 use std::io;

@@ -82,7 +82,7 @@ pub struct Proxy {
     base_path: String,
     /// `Proxy-Authorization` for a forwarding egress proxy with credentials.
     egress_auth: Option<HeaderValue>,
-    /// Plain HTTP/1.1 exchanges with a plain-`http` upstream, without hyper.
+    /// Plain HTTP/1.1 exchanges with an HTTP/1.1 upstream (plain or TLS), without hyper.
     lane: Option<Arc<lane::Lane>>,
 }
 

@@ -6,6 +6,8 @@
 //! The lane must do what the hyper path does for everything it accepts;
 //! each test here failed on the lane as first written.
 
+#[path = "support/logs.rs"]
+mod logs;
 mod support;
 #[path = "support/upstream.rs"]
 mod upstream;
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use logs::LogBuffer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -417,56 +420,6 @@ async fn the_answer_to_a_closing_request_says_connection_close() {
 
 // ---------------------------------------------------------------------------
 // Access log
-
-/// What this test's thread logs (every task of a current-thread test runs
-/// on it), as JSON lines.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
-
-thread_local! {
-    static CAPTURE: std::cell::RefCell<Option<LogBuffer>> = const { std::cell::RefCell::new(None) };
-}
-
-struct ThreadWriter;
-
-impl std::io::Write for ThreadWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        CAPTURE.with(|c| {
-            if let Some(b) = &*c.borrow() {
-                b.0.lock().unwrap().extend_from_slice(buf);
-            }
-        });
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuffer {
-    fn capture() -> LogBuffer {
-        static INIT: std::sync::Once = std::sync::Once::new();
-        INIT.call_once(|| {
-            tracing_subscriber::fmt()
-                .json()
-                .flatten_event(true)
-                .with_env_filter("info")
-                .with_writer(|| ThreadWriter)
-                .init();
-        });
-        let buf = LogBuffer::default();
-        CAPTURE.with(|c| *c.borrow_mut() = Some(buf.clone()));
-        buf
-    }
-
-    fn access_lines(&self) -> Vec<serde_json::Value> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|l| l["target"] == "token_sidecar::access")
-            .collect()
-    }
-}
 
 /// `bytes_out` counts body bytes, as the hyper path counts its data
 /// frames; the lane counted a chunked body's framing (sizes, CRLFs, the

@@ -3,6 +3,8 @@
 //! and the access log. Requests that ordinary clients would normalise are
 //! written byte for byte on a raw socket.
 
+#[path = "support/logs.rs"]
+mod logs;
 mod support;
 #[path = "support/upstream.rs"]
 mod upstream;
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use http::Response;
 use http_body_util::BodyExt;
+use logs::LogBuffer;
 use upstream::{response, Front, TestBody, Upstream};
 
 /// An upstream that answers 200 `ok`, and a sidecar in front of its `/base/`.
@@ -419,63 +422,6 @@ async fn methods_and_bodies_pass_through() {
     }
 }
 
-/// Log output captured per thread: a global subscriber (set once for this
-/// test binary) writes each event to the buffer of the thread that emitted
-/// it, if that thread asked for one. A global subscriber rather than a
-/// scoped one because tracing caches each callsite's interest from whichever
-/// thread reaches it first, and other tests run on other threads.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-thread_local! {
-    static CAPTURE: std::cell::RefCell<Option<LogBuffer>> = const { std::cell::RefCell::new(None) };
-}
-
-struct ThreadWriter;
-
-impl std::io::Write for ThreadWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        CAPTURE.with(|c| {
-            if let Some(b) = &*c.borrow() {
-                b.0.lock().unwrap().extend_from_slice(buf);
-            }
-        });
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuffer {
-    /// Captures what this thread logs from now on.
-    fn capture() -> LogBuffer {
-        static INIT: std::sync::Once = std::sync::Once::new();
-        INIT.call_once(|| {
-            tracing_subscriber::fmt()
-                .json()
-                .flatten_event(true)
-                .with_env_filter("info,token_sidecar=trace")
-                .with_writer(|| ThreadWriter)
-                .init();
-        });
-        let buf = LogBuffer::default();
-        CAPTURE.with(|c| *c.borrow_mut() = Some(buf.clone()));
-        buf
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    fn lines(&self) -> Vec<serde_json::Value> {
-        self.text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-}
-
 // current_thread (the default): every task of the sidecar runs on this
 // thread, so its log lines land in this test's buffer.
 #[tokio::test]
@@ -495,18 +441,12 @@ async fn access_log_has_one_line_per_request_and_no_token_or_query() {
     let bearer = front.bearer();
     let token = bearer.trim_start_matches("Bearer ");
 
-    let access = |logs: &LogBuffer| -> Vec<serde_json::Value> {
-        logs.lines()
-            .into_iter()
-            .filter(|l| l["target"] == "token_sidecar::access")
-            .collect()
-    };
     support::eventually(Duration::from_secs(5), "the access log line", || {
-        let n = access(&logs).len();
+        let n = logs.access_lines().len();
         async move { n > 0 }
     })
     .await;
-    let lines = access(&logs);
+    let lines = logs.access_lines();
     assert_eq!(lines.len(), 1, "{lines:?}");
     let line = &lines[0];
     assert_eq!(line["level"], "INFO");

@@ -215,11 +215,10 @@ impl Lane {
         self.off.load(Ordering::Relaxed)
     }
 
-    /// The most recently used idle connection still open, or a new one;
-    /// says whether it was reused.
-    async fn checkout(self: &Arc<Self>) -> Result<(UpConn, bool), LaneError> {
+    /// The most recently used idle connection still open, or a new one.
+    async fn checkout(self: &Arc<Self>) -> Result<UpConn, LaneError> {
         if let Some(conn) = self.idle.pop() {
-            return Ok((conn, true));
+            return Ok(conn);
         }
         if self.is_off() {
             return Err(LaneError::Http2); // no new connection: HTTP/2 is hyper's
@@ -260,7 +259,7 @@ impl Lane {
             io,
             buf: BytesMut::with_capacity(READ_BUF),
         };
-        Ok((conn, false))
+        Ok(conn)
     }
 
     fn checkin(self: &Arc<Self>, mut conn: UpConn) {
@@ -620,7 +619,7 @@ impl Conn<'_> {
             .unwrap_or_else(|| Deadline::new(until));
         deadline.set(until);
         let sending = async {
-            let (mut up, _reused) = self.lane.checkout().await?;
+            let mut up = self.lane.checkout().await?;
             self.out.clear();
             h1::write_request_head(
                 &mut self.out,

@@ -221,7 +221,7 @@ pub fn write_request_head(out: &mut Vec<u8>, buf: &[u8], head: &RequestHead, up:
 }
 
 /// `\r\nname: value` (each field ends where the next begins).
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");

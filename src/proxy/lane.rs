@@ -811,25 +811,25 @@ impl Conn<'_> {
                         )
                     })
             });
-            h1_field(
+            h1::field(
                 &mut self.out,
                 name,
                 rewritten.as_deref().map_or(value, str::as_bytes),
             );
         }
         if resp.framing == Framing::Chunked {
-            h1_field(&mut self.out, b"transfer-encoding", b"chunked");
+            h1::field(&mut self.out, b"transfer-encoding", b"chunked");
         }
-        h1_field(&mut self.out, b"x-request-id", ex.request_id.as_bytes());
+        h1::field(&mut self.out, b"x-request-id", ex.request_id.as_bytes());
         if !resp.has_date {
-            h1_field(
+            h1::field(
                 &mut self.out,
                 b"date",
                 httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes(),
             );
         }
         if close {
-            h1_field(&mut self.out, b"connection", b"close");
+            h1::field(&mut self.out, b"connection", b"close");
         }
         self.out.extend_from_slice(b"\r\n\r\n");
         up.buf.advance(resp.len);
@@ -982,20 +982,20 @@ impl Conn<'_> {
             .extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         let headers = e.headers();
         for (name, value) in &headers {
-            h1_field(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
+            h1::field(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
         }
         let says_close = headers.contains_key(http::header::CONNECTION);
         let close = says_close || body_left || self.head.close || self.stop.fired();
         if close && !says_close {
-            h1_field(&mut self.out, b"connection", b"close");
+            h1::field(&mut self.out, b"connection", b"close");
         }
-        h1_field(
+        h1::field(
             &mut self.out,
             b"content-length",
             body.len().to_string().as_bytes(),
         );
-        h1_field(&mut self.out, b"x-request-id", ex.request_id.as_bytes());
-        h1_field(
+        h1::field(&mut self.out, b"x-request-id", ex.request_id.as_bytes());
+        h1::field(
             &mut self.out,
             b"date",
             httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes(),
@@ -1022,14 +1022,6 @@ async fn client_gone(client: &TcpStream) {
         Ok(0) | Err(_) => {}
         Ok(_) => std::future::pending().await,
     }
-}
-
-/// `\r\nname: value`.
-fn h1_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
 }
 
 /// Where the request body of a send comes from.

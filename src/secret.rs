@@ -87,9 +87,41 @@ pub fn trim_one_newline(text: &mut String) {
 
 /// Shortest run of token-like characters that [`redact_text`] hides.
 ///
-/// Access and refresh tokens (opaque or JWT) are far longer; OAuth error codes
-/// and ordinary words are shorter.
+/// Access and refresh tokens (opaque or JWT) are far longer; ordinary words
+/// are shorter. Some registered OAuth error codes are not
+/// (`temporarily_unavailable` has 23 characters): those are spared by name,
+/// see [`OAUTH_ERROR_CODES`].
 pub const REDACT_MIN_RUN: usize = 20;
+
+/// The registered OAuth error codes: RFC 6749 5.2 (token endpoint) and
+/// 4.1.2.1 (authorization endpoint), RFC 6750 3.1 (resource server).
+///
+/// They are the vocabulary an operator looks up, never a secret, so
+/// [`redact_text`] lets a run that is exactly one of them through untouched
+/// wherever it stands. A run that merely contains one (`invalid_grant.eyJ...`)
+/// is still a token-like run and still hidden.
+pub const OAUTH_ERROR_CODES: &[&str] = &[
+    // RFC 6749 5.2
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    // RFC 6749 4.1.2.1 (besides those above)
+    "access_denied",
+    "unsupported_response_type",
+    "server_error",
+    "temporarily_unavailable",
+    // RFC 6750 3.1 (besides invalid_request)
+    "invalid_token",
+    "insufficient_scope",
+];
+
+/// Whether `code` is one of [`OAUTH_ERROR_CODES`].
+pub fn is_registered_error_code(code: &str) -> bool {
+    OAUTH_ERROR_CODES.contains(&code)
+}
 
 /// Longest text kept from a server's `error_description`.
 pub const DESCRIPTION_MAX_CHARS: usize = 200;
@@ -100,21 +132,28 @@ pub const DESCRIPTION_MAX_CHARS: usize = 200;
 /// `error_description`, raw or in the encoding they received them in, so
 /// every `known` secret is replaced wherever it stands, raw, percent-encoded
 /// or base64-encoded; every run of [`REDACT_MIN_RUN`] or more token-like
-/// characters (percent-escapes included) is replaced; and the result is cut
+/// characters (percent-escapes included) is replaced unless it is exactly a
+/// registered OAuth error code ([`OAUTH_ERROR_CODES`]); and the result is cut
 /// to [`DESCRIPTION_MAX_CHARS`].
 pub fn redact_text(text: &str, known: &[&str]) -> String {
     // Control characters go first: dropped after the replacement below, they
     // would join the halves of a secret split by them.
     let mut out: String = text.chars().filter(|c| !c.is_control()).collect();
-    for secret in known.iter().filter(|s| s.len() >= 3) {
-        for form in encoded_forms(secret) {
+    for secret in known {
+        // Cleaned the same way, or a secret holding a control character
+        // would no longer match the text it was echoed in.
+        let secret: String = secret.chars().filter(|c| !c.is_control()).collect();
+        if secret.len() < 3 {
+            continue;
+        }
+        for form in encoded_forms(&secret) {
             out = out.replace(&form, "[redacted]");
         }
     }
     let mut result = String::with_capacity(out.len());
     let mut run = String::new();
     let flush = |run: &mut String, result: &mut String| {
-        if run.chars().count() >= REDACT_MIN_RUN {
+        if run.chars().count() >= REDACT_MIN_RUN && !is_registered_error_code(run) {
             result.push_str("[redacted]");
         } else {
             result.push_str(run);
@@ -200,6 +239,87 @@ mod tests {
         let mut s = "pw\r\n".to_string();
         trim_one_newline(&mut s);
         assert_eq!(s, "pw");
+    }
+
+    #[test]
+    fn registered_error_codes_pass_untouched() {
+        let s = redact_text("unsupported_grant_type: Unsupported grant type", &[]);
+        assert_eq!(s, "unsupported_grant_type: Unsupported grant type");
+        assert_eq!(
+            redact_text("temporarily_unavailable", &[]),
+            "temporarily_unavailable"
+        );
+        // A longer run that holds a code is still a token-like run.
+        assert_eq!(
+            redact_text("temporarily_unavailable.eyJhbGciOi", &[]),
+            "[redacted]"
+        );
+        // An unregistered code of that length is not spared.
+        assert_eq!(redact_text("some_long_proprietary_code", &[]), "[redacted]");
+    }
+
+    #[test]
+    fn a_secret_with_a_control_character_is_still_found() {
+        let s = redact_text("echo: pass\u{1}word-1", &["pass\u{1}word-1"]);
+        assert_eq!(s, "echo: [redacted]");
+    }
+
+    /// Pieces of `out` between the markers: what is left of the input.
+    fn pieces(out: &str) -> Vec<&str> {
+        out.split("[redacted]").collect()
+    }
+
+    proptest::proptest! {
+        /// Every registered code survives redaction wherever it stands in a
+        /// description, whatever secrets are known.
+        #[test]
+        fn registered_codes_survive(
+            i in 0..OAUTH_ERROR_CODES.len(),
+            prefix in "[ -~]{0,80}",
+            suffix in "[ -~]{0,80}",
+            secret in "[!-Z^-~]{8,64}",
+        ) {
+            let code = OAUTH_ERROR_CODES[i];
+            proptest::prop_assume!(!code.contains(&secret) && !prefix.contains(&secret));
+            let text = format!("{prefix} {code} {suffix}");
+            let out = redact_text(&text, &[&secret]);
+            proptest::prop_assert!(out.contains(&format!(" {code} ")), "{text:?} -> {out:?}");
+        }
+
+        /// A known secret of 8 to 4096 characters never survives, raw or
+        /// encoded as it may travel, wherever it stands in the text. (No
+        /// brackets in it, so that an occurrence can only be one the input
+        /// held, not one straddling a `[redacted]` marker.)
+        #[test]
+        fn known_secrets_never_survive(
+            secret in "[!-Z^-~\\ ]{8,4096}",
+            prefix in "[ -~]{0,40}",
+            suffix in "[ -~]{0,40}",
+            form in 0usize..7,
+        ) {
+            let forms = encoded_forms(&secret);
+            let echoed = &forms[form % forms.len()];
+            let text = format!("{prefix}{echoed}{suffix}");
+            let out = redact_text(&text, &[&secret]);
+            for piece in pieces(&out) {
+                for f in &forms {
+                    proptest::prop_assert!(!piece.contains(f.as_str()), "{f:?} in {out:?}");
+                }
+            }
+        }
+
+        /// A token the sidecar does not know (an access token a server
+        /// echoes) is hidden by its length alone.
+        #[test]
+        fn unknown_tokens_never_survive(
+            token in "[A-Za-z0-9._~+/-]{20,4096}",
+            prefix in "[ -~]{0,40}",
+        ) {
+            proptest::prop_assume!(!is_registered_error_code(&token));
+            let text = format!("{prefix} {token} rest");
+            let out = redact_text(&text, &[]);
+            proptest::prop_assert!(!out.contains(&token), "{out:?}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use url::form_urlencoded;
 
-use super::error::{GrantKind, TokenError};
+use super::error::{ErrorCode, GrantKind, TokenError};
 use crate::config::{ClientAuth, OAuthConfig, ParamsIn};
 use crate::secret::redact_text;
 
@@ -331,13 +331,13 @@ pub fn parse_token_response(
 }
 
 /// The OAuth `error` code of an answer, if it looks like one (short, printable
-/// ASCII). It goes to logs and `/status` like the description, so it is
-/// redacted the same way: a server may put anything there.
-fn error_code(json: &Value, known: &[&str]) -> Option<String> {
+/// ASCII). Kept raw for classification; it is shown redacted like the
+/// description, since a server may put anything there.
+fn error_code(json: &Value, known: &[&str]) -> Option<ErrorCode> {
     json.get("error")
         .and_then(Value::as_str)
         .filter(|c| !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
-        .map(|c| redact_text(c, known))
+        .map(|c| ErrorCode::new(c, known))
 }
 
 /// The `exp` claim of a JWT, read without verifying it: the sidecar only
@@ -457,6 +457,7 @@ mod tests {
                 description,
             } => {
                 assert_eq!((status, code.as_str()), (401, "invalid_token"));
+                assert!(code.is("invalid_token"));
                 assert_eq!(
                     description.as_deref(),
                     Some("Invalid refresh token: [redacted]")

@@ -103,6 +103,10 @@ fn load(path: &std::path::Path) -> Result<config::Loaded, ExitCode> {
             Ok(l)
         }
         Err(e) => {
+            // A misnamed variable often explains a missing key.
+            for w in &e.warnings {
+                eprintln!("warning: {w}");
+            }
             eprintln!("{}: {e}", path.display());
             Err(ExitCode::from(check::EXIT_CONFIG as u8))
         }

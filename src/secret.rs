@@ -4,8 +4,10 @@
 //! so a secret can only reach a log line through an explicit `expose_secret()`.
 //! A `*_file` secret is read afresh on every use: Kubernetes rotates a mounted
 //! Secret by swapping a symlink, and a fresh read is the one method that cannot
-//! miss such a swap. [`SecretSource::fingerprint`] lets the token task notice a
-//! change cheaply so it can retry at once after a rejected login.
+//! miss such a swap. [`LiveSecret`] is that read as the token task does it:
+//! the last good value stands in for a file found empty or unreadable, and
+//! its fingerprint lets the task notice a change cheaply so it can retry at
+//! once after a rejected login.
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -22,13 +24,29 @@ pub enum SecretSource {
     File(PathBuf),
 }
 
-/// A secret file that could not be read. Names the path, never the content.
+/// A secret file that cannot be used. Names the path, never the content.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read secret file {path}")]
-pub struct SecretFileError {
-    pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
+pub enum SecretFileError {
+    #[error("cannot read secret file {path}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nothing is left once one trailing newline is trimmed: sent, it would
+    /// be a failed login that counts towards locking the user.
+    #[error("secret file {path} is empty")]
+    Empty { path: PathBuf },
+}
+
+impl SecretFileError {
+    /// The message with its cause, for a config problem or a log line.
+    pub fn describe(&self) -> String {
+        match self {
+            SecretFileError::Unreadable { source, .. } => format!("{self}: {source}"),
+            SecretFileError::Empty { .. } => self.to_string(),
+        }
+    }
 }
 
 impl SecretSource {
@@ -55,6 +73,88 @@ impl SecretSource {
     }
 }
 
+/// A secret as the token task uses it at run time: named by its config key,
+/// read afresh before every use, and remembered. A file found empty or
+/// unreadable after it was once good (a half-written update, a volume being
+/// remounted) does not turn into a failed login: the last good value stands
+/// in, and the caller reports the problem.
+#[derive(Clone)]
+pub struct LiveSecret {
+    key: String,
+    source: SecretSource,
+    last_good: Option<SecretString>,
+}
+
+/// One read of a [`LiveSecret`].
+pub struct SecretRead {
+    pub value: SecretString,
+    /// Why the file's current content was not used (the value is the last
+    /// good one).
+    pub problem: Option<SecretFileError>,
+}
+
+impl LiveSecret {
+    /// `key` names the secret in logs and metrics (`oauth.password_file`).
+    pub fn new(key: impl Into<String>, source: SecretSource) -> Self {
+        LiveSecret {
+            key: key.into(),
+            source,
+            last_good: None,
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Whether it is read from a file (and so can change or go bad).
+    pub fn is_file(&self) -> bool {
+        matches!(self.source, SecretSource::File(_))
+    }
+
+    /// Reads the secret now. An error only when it was never good.
+    pub fn read(&mut self) -> Result<SecretRead, SecretFileError> {
+        match (self.source.load(), &self.last_good) {
+            (Ok(value), _) => {
+                self.last_good = Some(value.clone());
+                Ok(SecretRead {
+                    value,
+                    problem: None,
+                })
+            }
+            (Err(problem), Some(last)) => Ok(SecretRead {
+                value: last.clone(),
+                problem: Some(problem),
+            }),
+            (Err(problem), None) => Err(problem),
+        }
+    }
+
+    /// A hash of the value last read, to notice rotation without keeping a
+    /// second copy. `None` for inline secrets, which never change, and for a
+    /// file never read successfully.
+    pub fn fingerprint(&self) -> Option<u64> {
+        match self.source {
+            SecretSource::Inline(_) => None,
+            SecretSource::File(_) => {
+                let value = self.last_good.as_ref()?;
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                value.expose_secret().hash(&mut h);
+                Some(h.finish())
+            }
+        }
+    }
+}
+
+impl fmt::Debug for LiveSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveSecret")
+            .field("key", &self.key)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
 impl fmt::Debug for SecretSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -65,11 +165,16 @@ impl fmt::Debug for SecretSource {
 }
 
 fn read_secret_file(path: &Path) -> Result<SecretString, SecretFileError> {
-    let mut text = std::fs::read_to_string(path).map_err(|source| SecretFileError {
+    let mut text = std::fs::read_to_string(path).map_err(|source| SecretFileError::Unreadable {
         path: path.to_owned(),
         source,
     })?;
     trim_one_newline(&mut text);
+    if text.is_empty() {
+        return Err(SecretFileError::Empty {
+            path: path.to_owned(),
+        });
+    }
     Ok(SecretString::from(text))
 }
 
@@ -320,6 +425,43 @@ mod tests {
             let out = redact_text(&text, &[]);
             proptest::prop_assert!(!out.contains(&token), "{out:?}");
         }
+    }
+
+    #[test]
+    fn an_empty_file_is_an_error_and_the_last_good_value_stands_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("password");
+        std::fs::write(&path, "\n").unwrap();
+        let source = SecretSource::File(path.clone());
+        assert!(matches!(source.load(), Err(SecretFileError::Empty { .. })));
+        let mut live = LiveSecret::new("oauth.password_file", source);
+        assert!(live.read().is_err(), "never good: no value");
+        assert_eq!(live.fingerprint(), None);
+
+        std::fs::write(&path, "pw-1\n").unwrap();
+        let read = live.read().unwrap();
+        assert_eq!(read.value.expose_secret(), "pw-1");
+        assert!(read.problem.is_none());
+        let print = live.fingerprint();
+        assert!(print.is_some());
+
+        std::fs::write(&path, "").unwrap();
+        let read = live.read().unwrap();
+        assert_eq!(read.value.expose_secret(), "pw-1", "the last good value");
+        assert_eq!(
+            read.problem.unwrap().describe(),
+            format!("secret file {} is empty", path.display())
+        );
+        assert_eq!(live.fingerprint(), print, "no change seen");
+
+        std::fs::remove_file(&path).unwrap();
+        let read = live.read().unwrap();
+        assert_eq!(read.value.expose_secret(), "pw-1");
+        assert!(read
+            .problem
+            .unwrap()
+            .describe()
+            .starts_with("cannot read secret file"));
     }
 
     #[test]

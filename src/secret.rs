@@ -57,20 +57,6 @@ impl SecretSource {
             SecretSource::File(path) => read_secret_file(path),
         }
     }
-
-    /// A hash of the current value, to notice rotation without keeping a copy.
-    /// `None` for inline secrets, which never change, and unreadable files.
-    pub fn fingerprint(&self) -> Option<u64> {
-        match self {
-            SecretSource::Inline(_) => None,
-            SecretSource::File(path) => {
-                let value = read_secret_file(path).ok()?;
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                value.expose_secret().hash(&mut h);
-                Some(h.finish())
-            }
-        }
-    }
 }
 
 /// A secret as the token task uses it at run time: named by its config key,

@@ -13,7 +13,7 @@ use url::form_urlencoded;
 
 use super::error::{ErrorCode, GrantKind, TokenError};
 use crate::config::{ClientAuth, OAuthConfig, ParamsIn};
-use crate::secret::redact_text;
+use crate::secret::{redact_text, SecretFileError};
 
 /// Largest token response read; a larger one is an error, not a buffer.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -34,6 +34,25 @@ impl Grant {
     }
 }
 
+/// The secrets a grant may send, as read just before it (by the token task,
+/// which reads secret files afresh for every attempt; see
+/// [`crate::secret::LiveSecret`]).
+pub struct Credentials {
+    pub client_secret: SecretString,
+    /// Sent only with the password grant.
+    pub password: SecretString,
+}
+
+impl Credentials {
+    /// Both secrets read now, as configured (`check --live`).
+    pub fn load(cfg: &OAuthConfig) -> Result<Self, SecretFileError> {
+        Ok(Credentials {
+            client_secret: cfg.client_secret.load()?,
+            password: cfg.password.load()?,
+        })
+    }
+}
+
 /// A successful token response.
 #[derive(Debug)]
 pub struct TokenResponse {
@@ -46,10 +65,11 @@ pub struct TokenResponse {
 
 /// Something that answers grants: the real HTTP endpoint, or a test's stand-in.
 pub trait TokenEndpoint: Send + Sync + 'static {
-    /// Performs one grant; must give up after `timeout`.
+    /// Performs one grant with `credentials`; must give up after `timeout`.
     fn request(
         &self,
         grant: &Grant,
+        credentials: &Credentials,
         timeout: Duration,
     ) -> impl Future<Output = Result<TokenResponse, TokenError>> + Send;
 }
@@ -103,13 +123,18 @@ impl HttpTokenClient {
         params.finish()
     }
 
-    async fn send(&self, grant: &Grant, timeout: Duration) -> Result<TokenResponse, TokenError> {
-        let secret = self.cfg.client_secret.load()?;
+    async fn send(
+        &self,
+        grant: &Grant,
+        credentials: &Credentials,
+        timeout: Duration,
+    ) -> Result<TokenResponse, TokenError> {
+        let secret = &credentials.client_secret;
         let password = match grant {
-            Grant::Password => Some(self.cfg.password.load()?),
+            Grant::Password => Some(&credentials.password),
             Grant::RefreshToken(_) => None,
         };
-        let params = self.params(grant, password.as_ref(), &secret);
+        let params = self.params(grant, password, secret);
 
         let mut url = self.cfg.token_url.clone();
         let body = match self.cfg.params_in {
@@ -153,7 +178,7 @@ impl HttpTokenClient {
         let body = read_capped(resp, timeout).await?;
         let known: Vec<&str> = [
             Some(secret.expose_secret()),
-            password.as_ref().map(|p| p.expose_secret()),
+            password.map(|p| p.expose_secret()),
         ]
         .into_iter()
         .flatten()
@@ -176,9 +201,10 @@ impl TokenEndpoint for HttpTokenClient {
     fn request(
         &self,
         grant: &Grant,
+        credentials: &Credentials,
         timeout: Duration,
     ) -> impl Future<Output = Result<TokenResponse, TokenError>> + Send {
-        self.send(grant, timeout)
+        self.send(grant, credentials, timeout)
     }
 }
 

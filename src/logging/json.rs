@@ -118,6 +118,7 @@ impl Visit for Fields<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         // serde_json: shortest round-trip form, `null` when not finite.
+        let value = super::fields::round_timing(field.name(), value);
         self.put(field, |w| {
             if value.is_finite() {
                 w.push_str(ryu::Buffer::new().format_finite(value));

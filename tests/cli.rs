@@ -131,15 +131,30 @@ async fn demo_prints_curl_lines_a_shell_takes_as_they_are() {
 
 /// A config in `format` with three warnings (two inline secrets and the
 /// password in the query), against a fake token endpoint.
-async fn warned_config(format: &str) -> (std::sync::Arc<World>, fake::FakeServer, String) {
+async fn warned_config(format: &str) -> (Vec<fake::FakeServer>, String) {
     let world = World::new(300.0);
-    let auth = fake::token_endpoint(world.clone(), "127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
-    let toml = support::base_toml(&world, &auth.url("/oauth/token"), "http://127.0.0.1:9/")
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let auth = fake::token_endpoint(world.clone(), loopback).await.unwrap();
+    let api = fake::backoffice(world.clone(), loopback).await.unwrap();
+    let toml = support::base_toml(&world, &auth.url("/oauth/token"), &api.url("/"))
         .replace("format = \"text\"", &format!("format = \"{format}\""))
         .replace("[oauth]", "[oauth]\nparams_in = \"query\"");
-    (world, auth, toml)
+    (vec![auth, api], toml)
+}
+
+/// The digits after the decimal point of the number `"field":N` in `line`.
+fn decimals(line: &str, field: &str) -> usize {
+    let key = format!("\"{field}\":");
+    let at = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("{field} in {line}"))
+        + key.len();
+    let number: String = line[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '-')
+        .collect();
+    assert!(!number.contains('e'), "{number}");
+    number.split_once('.').map_or(0, |(_, frac)| frac.len())
 }
 
 const WARNINGS: [&str; 4] = [
@@ -151,13 +166,22 @@ const WARNINGS: [&str; 4] = [
 
 #[tokio::test]
 async fn with_json_logs_every_line_is_json_each_warning_once_panics_included() {
-    let (_world, _auth, toml) = warned_config("json").await;
+    let (_fakes, toml) = warned_config("json").await;
     let mut p = Process::run_config(&toml, |cmd| {
         cmd.env("TOKEN_SIDECAR_OAUTH_TIMEOUT", "3s");
         cmd.env("SIDECAR_TEST_PANIC", "boom in a test");
     });
+    let (proxy, _) = p.addresses().await;
     p.wait_event(Duration::from_secs(20), "token obtained")
         .await;
+    for _ in 0..20 {
+        let r = support::client()
+            .get(format!("http://{proxy}/api/x"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
     p.wait_event(Duration::from_secs(5), "panic").await;
     p.signal(SIGTERM);
     assert_eq!(p.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
@@ -192,11 +216,22 @@ async fn with_json_logs_every_line_is_json_each_warning_once_panics_included() {
         panic["location"].as_str().unwrap().contains("main.rs"),
         "{panic}"
     );
+    // Timings to the microsecond, without float noise.
+    let access: Vec<&str> = output
+        .stdout()
+        .filter(|l| l.contains("\"target\":\"token_sidecar::access\""))
+        .collect();
+    assert_eq!(access.len(), 20, "{}", output.all_text());
+    for line in access {
+        for field in ["total_ms", "upstream_ms"] {
+            assert!(decimals(line, field) <= 3, "{field} in {line}");
+        }
+    }
 }
 
 #[tokio::test]
 async fn with_text_logs_each_warning_is_printed_once() {
-    let (_world, _auth, toml) = warned_config("text").await;
+    let (_fakes, toml) = warned_config("text").await;
     let mut p = Process::run_config(&toml, |cmd| {
         cmd.env("TOKEN_SIDECAR_OAUTH_TIMEOUT", "3s");
     });

@@ -504,6 +504,28 @@ mod tests {
     }
 
     #[test]
+    fn registered_codes_are_classified_and_shown_as_sent() {
+        use crate::token::{ErrorClass, GrantKind};
+        // 23 characters: once redacted before classification, and so
+        // retried as slowly as a refused login.
+        let e = parse(400, r#"{"error":"temporarily_unavailable"}"#).unwrap_err();
+        assert_eq!(e.code(), "temporarily_unavailable");
+        assert_eq!(e.class(GrantKind::Password), ErrorClass::Transient);
+        let e = parse(
+            400,
+            r#"{"error":"unsupported_grant_type","error_description":"Unsupported grant type: None"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "token endpoint answered 400 unsupported_grant_type: Unsupported grant type: None"
+        );
+        // A code that is a known secret is shown redacted, classified raw.
+        let e = parse(400, r#"{"error":"s3cret"}"#).unwrap_err();
+        assert_eq!(e.code(), "[redacted]");
+    }
+
+    #[test]
     fn basic_auth_modes() {
         assert_eq!(
             basic_auth(ClientAuth::Basic, "a b", "c:d").unwrap(),

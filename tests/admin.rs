@@ -161,7 +161,7 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
             .series
             .contains(&series(&[&format!("status_class={class}")])));
     }
-    for code in token_sidecar::metrics::LOCAL_ERRORS {
+    for code in token_sidecar::metrics::LocalError::ALL.map(|c| c.as_str()) {
         assert!(families["token_sidecar_local_responses_total"]
             .series
             .contains(&series(&[&format!("error={code}")])));

@@ -24,6 +24,8 @@ async fn ok_pair(overrides: &str) -> (Upstream, Front) {
     (up, front)
 }
 
+engines! {
+@handed_over
 #[tokio::test]
 async fn hop_by_hop_and_connection_listed_headers_are_removed_both_ways() {
     let up = Upstream::start(|_| async {
@@ -84,6 +86,7 @@ async fn hop_by_hop_and_connection_listed_headers_are_removed_both_ways() {
     }
     assert_eq!(resp.header("x-kept-resp"), Some("1"));
     assert_ne!(resp.header("connection"), Some("x-hop-resp"));
+}
 }
 
 #[tokio::test]

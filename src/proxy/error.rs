@@ -5,6 +5,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 
 use super::body::ProxyBody;
+use crate::metrics::LocalError;
 
 /// A failed upstream exchange: from the HTTP/1.1 pool or hyper-util's client.
 pub type UpstreamError = Box<dyn std::error::Error + Send + Sync>;
@@ -37,17 +38,17 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// The `error` code, also the `token_sidecar_local_responses_total` label.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> LocalError {
         match self {
-            ProxyError::TokenUnavailable { .. } => "token_unavailable",
+            ProxyError::TokenUnavailable { .. } => LocalError::TokenUnavailable,
             ProxyError::UpstreamUnavailable(_) | ProxyError::UpstreamTls(_) => {
-                "upstream_unavailable"
+                LocalError::UpstreamUnavailable
             }
-            ProxyError::UpstreamTimeout => "upstream_timeout",
-            ProxyError::ClientBodyTimeout => "request_timeout",
-            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => "bad_request",
-            ProxyError::MethodNotAllowed => "method_not_allowed",
-            ProxyError::PathNotAllowed => "path_not_allowed",
+            ProxyError::UpstreamTimeout => LocalError::UpstreamTimeout,
+            ProxyError::ClientBodyTimeout => LocalError::RequestTimeout,
+            ProxyError::BadRequest(_) | ProxyError::ClientBody(_) => LocalError::BadRequest,
+            ProxyError::MethodNotAllowed => LocalError::MethodNotAllowed,
+            ProxyError::PathNotAllowed => LocalError::PathNotAllowed,
         }
     }
 
@@ -74,7 +75,7 @@ impl ProxyError {
 
     /// The JSON body of the answer.
     pub fn body(&self) -> Bytes {
-        Bytes::from(json_error(self.code(), &self.to_string()))
+        Bytes::from(json_error(self.code().as_str(), &self.to_string()))
     }
 
     /// The header fields of the answer (hyper adds the framing and `Date`).

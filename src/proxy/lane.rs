@@ -484,6 +484,9 @@ impl Conn<'_> {
     /// bytes came with it stay in `self.buf` until the end, for a replay.
     async fn exchange(&mut self, method: Method) -> Next {
         let proxy = self.proxy;
+        proxy
+            .metrics
+            .engine_request(crate::metrics::Engine::FastLane);
         let request_id = self
             .head
             .request_id
@@ -580,7 +583,9 @@ impl Conn<'_> {
             drop(up); // its 401 body is not wanted: the connection goes
             ex.generation.store(newer, Ordering::Relaxed);
             ex.replayed.store(true, Ordering::Relaxed);
-            proxy.metrics.replayed_after_401();
+            proxy
+                .metrics
+                .replayed_after_401(crate::metrics::Engine::FastLane);
             (up, resp, _) =
                 self.send(ex, &bearer, Body::Copy(copy))
                     .await

@@ -126,7 +126,7 @@ impl Proxy {
         let lane = lane::Lane::new(
             &cfg.upstream,
             pool::host_header(&scheme, &authority),
-            matches!(route, egress::Route::Direct),
+            cfg.fast_lane && matches!(route, egress::Route::Direct),
             &tls,
             cfg.connect_timeout,
             cfg.pool_idle_timeout,
@@ -172,6 +172,7 @@ impl Proxy {
 
     /// Serves one request; never fails: errors become local JSON answers.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        self.metrics.engine_request(crate::metrics::Engine::Hyper);
         let request_id = req
             .headers()
             .get(&X_REQUEST_ID)
@@ -210,10 +211,10 @@ impl Proxy {
         // and the metric still count every one.
         let token_unavailable = matches!(e, ProxyError::TokenUnavailable { .. });
         if e.status().is_server_error() && !token_unavailable {
-            warn!(error = e.code(), request_id = request_id.to_str().unwrap_or("-"),
+            warn!(error = e.code().as_str(), request_id = request_id.to_str().unwrap_or("-"),
                 cause = %crate::token::refresher::error_chain(e), "answered by the sidecar");
         } else {
-            debug!(error = e.code(), "request refused");
+            debug!(error = e.code().as_str(), "request refused");
         }
     }
 
@@ -333,7 +334,8 @@ impl Proxy {
                         again.headers_mut().insert(header::AUTHORIZATION, bearer);
                         ex.generation.store(newer, Ordering::Relaxed);
                         ex.replayed.store(true, Ordering::Relaxed);
-                        self.metrics.replayed_after_401();
+                        self.metrics
+                            .replayed_after_401(crate::metrics::Engine::Hyper);
                         sent = self.send(again, false, ex).await?;
                         if sent.0.status() != StatusCode::UNAUTHORIZED
                             || !self.token_rejected(sent.0.headers())

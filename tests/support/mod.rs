@@ -11,13 +11,162 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use figment::providers::{Format, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use token_sidecar::app::{self, Running};
 use token_sidecar::config::{self, Config};
 use token_sidecar::fake::{self, FakeServer, World};
+use token_sidecar::metrics::Metrics;
 
 pub use token_sidecar::fake::Scripted;
+pub use token_sidecar::metrics::Engine;
+
+// ---------------------------------------------------------------------------
+// Which proxy engine a test runs on
+
+/// What a test run on one engine expects of the engine counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Every request is served by the engine under test.
+    Served,
+    /// With the fast lane on, the lane hands these requests to hyper
+    /// (h2c, chunked uploads, `Expect`, upgrades): hyper serves them.
+    HandedOver,
+}
+
+/// The engine the current test runs on, and the sidecars it started.
+struct EngineRun {
+    engine: Engine,
+    sidecars: std::sync::Mutex<Vec<Arc<Metrics>>>,
+}
+
+tokio::task_local! {
+    static ENGINE: EngineRun;
+}
+
+/// The engine of the test under way: set by [`engines!`]; the fast lane
+/// (the default configuration) in a test that does not say.
+pub fn engine() -> Engine {
+    ENGINE
+        .try_with(|run| run.engine)
+        .unwrap_or(Engine::FastLane)
+}
+
+/// `proxy.fast_lane` for the engine under test.
+pub fn fast_lane() -> bool {
+    engine() == Engine::FastLane
+}
+
+/// Records a sidecar started by the current test, so that the engine check
+/// at its end sees what it served.
+pub fn started(running: &Running) {
+    let _ = ENGINE.try_with(|run| {
+        run.sidecars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(running.metrics.clone());
+    });
+}
+
+/// Starts a sidecar for `config` and records it for the engine check.
+pub async fn start_sidecar(config: &Config) -> Running {
+    let running = app::start(config).await.expect("sidecar starts");
+    started(&running);
+    running
+}
+
+/// Runs `test` with the proxy on `engine`, then asserts from the sidecars'
+/// engine counters that `engine` served the requests (a miswired switch
+/// fails here), and appends the per-engine figures to the file named by
+/// `TOKEN_SIDECAR_ENGINE_STATS`, if set.
+pub async fn run_on<F: Future<Output = ()>>(engine: Engine, expect: Expect, test: F) {
+    let run = EngineRun {
+        engine,
+        sidecars: std::sync::Mutex::new(Vec::new()),
+    };
+    let sidecars = ENGINE
+        .scope(run, async {
+            test.await;
+            ENGINE.with(|run| std::mem::take(&mut *run.sidecars.lock().unwrap()))
+        })
+        .await;
+    let count = |e: Engine| -> (u64, u64) {
+        sidecars.iter().fold((0, 0), |(r, p), m| {
+            (r + m.engine_requests(e), p + m.engine_replays(e))
+        })
+    };
+    let (lane, lane_replays) = count(Engine::FastLane);
+    let (hyper, hyper_replays) = count(Engine::Hyper);
+    if let Ok(path) = std::env::var("TOKEN_SIDECAR_ENGINE_STATS") {
+        use std::io::Write;
+        let test = std::thread::current().name().unwrap_or("?").to_owned();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(
+                f,
+                "{test}\t{}\tfast_lane={lane}\tfast_lane_replays={lane_replays}\thyper={hyper}\thyper_replays={hyper_replays}",
+                engine.as_str()
+            );
+        }
+    }
+    if lane + hyper == 0 {
+        return; // nothing proxied (token or admin tests)
+    }
+    match (engine, expect) {
+        (Engine::Hyper, _) => assert!(
+            lane == 0 && hyper > 0,
+            "with proxy.fast_lane = false hyper must serve every request: fast lane {lane}, hyper {hyper}"
+        ),
+        (Engine::FastLane, Expect::Served) => assert!(
+            lane > 0,
+            "with proxy.fast_lane = true the fast lane served nothing (hyper {hyper})"
+        ),
+        (Engine::FastLane, Expect::HandedOver) => assert!(
+            hyper > 0,
+            "the fast lane was to hand these requests to hyper, which served none (fast lane {lane})"
+        ),
+    }
+}
+
+/// Runs each test function twice, as `NAME::fast_lane` and `NAME::hyper`:
+/// with `proxy.fast_lane` on and off, asserting afterwards which engine
+/// served it ([`run_on`]). Attributes (`#[tokio::test(...)]` included) are
+/// repeated on both. `@handed_over` before a function: with the lane on,
+/// hyper is expected to serve it (the lane hands such requests over).
+#[macro_export]
+macro_rules! engines {
+    ($( $(@$handed:ident)? $(#[$meta:meta])* async fn $name:ident () $body:block )*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$meta])*
+            async fn fast_lane() {
+                $crate::support::run_on(
+                    $crate::support::Engine::FastLane,
+                    $crate::engines!(@expect $($handed)?),
+                    async $body,
+                )
+                .await
+            }
+
+            $(#[$meta])*
+            async fn hyper() {
+                $crate::support::run_on(
+                    $crate::support::Engine::Hyper,
+                    $crate::support::Expect::Served,
+                    async $body,
+                )
+                .await
+            }
+        }
+    )*};
+    (@expect) => { $crate::support::Expect::Served };
+    (@expect handed_over) => { $crate::support::Expect::HandedOver };
+}
 
 /// A fake world, its two servers, and a sidecar in front of them.
 pub struct Harness {
@@ -52,7 +201,7 @@ impl Harness {
             &api.url("/base/"),
             overrides,
         );
-        let sidecar = app::start(&config).await.expect("sidecar starts");
+        let sidecar = start_sidecar(&config).await;
         Harness {
             proxy: sidecar.proxy_addrs[0],
             admin: sidecar.admin_addr,
@@ -123,10 +272,12 @@ format = "text"
     )
 }
 
-/// Builds a validated config: base, then `overrides` merged key by key.
+/// Builds a validated config: base, the engine under test
+/// (`proxy.fast_lane`), then `overrides` merged key by key.
 pub fn config_for(world: &World, token_url: &str, upstream: &str, overrides: &str) -> Config {
     let fig = Figment::new()
         .merge(Toml::string(&base_toml(world, token_url, upstream)))
+        .merge(Serialized::default("proxy.fast_lane", fast_lane()))
         .merge(Toml::string(overrides));
     match config::load_figment(fig) {
         Ok(l) => l.config,

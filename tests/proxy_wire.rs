@@ -1102,7 +1102,7 @@ fn status_of(answer: &[u8]) -> Option<u16> {
 
 #[tokio::test]
 async fn request_heads_over_the_size_limit_get_431_and_under_it_pass() {
-    let limit = token_sidecar::app::MAX_HEADER_BYTES;
+    let limit = token_sidecar::proxy::MAX_HEADER_BYTES;
     let mut up = RawUp::always(&ok("ok"), Then::KeepAlive).await;
     let front = front(&up).await;
 

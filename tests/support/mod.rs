@@ -264,11 +264,12 @@ pub async fn run_on<F: Future<Output = ()>>(engine: Engine, expect: Expect, test
             .append(true)
             .open(path)
         {
-            let _ = writeln!(
-                f,
-                "{test}\t{}\tfast_lane={lane}\tfast_lane_replays={lane_replays}\thyper={hyper}\thyper_replays={hyper_replays}",
+            // One write per line: tests run in parallel, appending to one file.
+            let line = format!(
+                "{test}\t{}\tfast_lane={lane}\tfast_lane_replays={lane_replays}\thyper={hyper}\thyper_replays={hyper_replays}\n",
                 engine.as_str()
             );
+            let _ = f.write_all(line.as_bytes());
         }
     }
     if lane + hyper == 0 {

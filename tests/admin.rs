@@ -79,6 +79,7 @@ fn series(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+engines! {
 #[tokio::test]
 async fn every_documented_metric_exists_with_its_type_and_labels() {
     let h = Harness::start(300.0, "[proxy]\nallow_paths = [\"/api/\"]").await;
@@ -209,6 +210,7 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         1.0
     );
 }
+}
 
 #[tokio::test]
 async fn probes_status_and_forced_refresh() {
@@ -260,6 +262,7 @@ async fn probes_status_and_forced_refresh() {
     assert_eq!(r.status(), 405);
 }
 
+engines! {
 #[tokio::test]
 async fn a_lost_token_shows_in_readyz_status_and_metrics() {
     // 2 s tokens refresh at 1 s; the refresh and then the password are refused.
@@ -316,4 +319,5 @@ async fn a_lost_token_shows_in_readyz_status_and_metrics() {
         m(r#"token_sidecar_local_responses_total{error="token_unavailable"}"#),
         1.0
     );
+}
 }

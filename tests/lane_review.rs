@@ -177,6 +177,7 @@ async fn until_close(s: &mut TcpStream) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // Request smuggling
 
+engines! {
 /// `Connection: content-length` made the lane drop the request's
 /// `Content-Length` while still sending the body: the upstream read the
 /// body as the next request, one the proxy never checked (here a path
@@ -334,6 +335,9 @@ async fn an_unasked_100_continue_does_not_stop_the_request_body() {
 // ---------------------------------------------------------------------------
 // Request targets
 
+// Targets with `#`, `<`, `>`: the lane leaves those to hyper
+// (h1::hyper_takes_as_is).
+@handed_over
 /// `#` cannot be in a request target; hyper cuts it and what follows (here
 /// leaving `/..`, refused as a dot-segment). The lane forwarded the bytes
 /// as they came, so `/..#` passed the dot-segment check and reached the
@@ -594,4 +598,5 @@ async fn deadlines_count_from_each_request_not_from_the_connection() {
     // Then idle: closed after about 1 s.
     let closed = until_close(&mut c).await;
     assert!(closed.is_empty(), "{closed:?}");
+}
 }

@@ -25,6 +25,7 @@ async fn ok_pair(overrides: &str) -> (Upstream, Front) {
 }
 
 engines! {
+// The request offers `Upgrade: foo`: the lane hands upgrade requests to hyper.
 @handed_over
 #[tokio::test]
 async fn hop_by_hop_and_connection_listed_headers_are_removed_both_ways() {
@@ -87,8 +88,9 @@ async fn hop_by_hop_and_connection_listed_headers_are_removed_both_ways() {
     assert_eq!(resp.header("x-kept-resp"), Some("1"));
     assert_ne!(resp.header("connection"), Some("x-hop-resp"));
 }
-}
 
+// `Upgrade: h2c`: the lane hands upgrade requests to hyper.
+@handed_over
 #[tokio::test]
 async fn an_h2c_upgrade_is_declined_and_the_request_served_in_http1() {
     let (up, front) = ok_pair("").await;
@@ -181,6 +183,8 @@ async fn request_id_is_kept_or_generated_and_sent_both_ways() {
     assert!(refused.has_header("x-request-id"));
 }
 
+// One request comes over h2c, which only hyper serves.
+@handed_over
 #[tokio::test]
 async fn forwarded_headers_are_added_only_when_enabled() {
     let (up, front) = ok_pair("").await;
@@ -209,6 +213,8 @@ async fn forwarded_headers_are_added_only_when_enabled() {
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
 }
 
+// One target holds a `#`, which the lane leaves to hyper (h1::hyper_takes_as_is).
+@handed_over
 #[tokio::test]
 async fn raw_path_and_query_are_forwarded_byte_for_byte() {
     let (up, front) = ok_pair("").await;
@@ -303,6 +309,9 @@ async fn allow_paths_refuse_everything_else_with_403() {
     assert_eq!(up.seen().len(), 3);
 }
 
+// Absolute-form, `*` and CONNECT targets: the lane leaves every target that
+// is not origin-form to hyper (h1::parse_request).
+@handed_over
 #[tokio::test]
 async fn not_an_open_proxy() {
     let (up, front) = ok_pair("").await;
@@ -343,6 +352,8 @@ async fn not_an_open_proxy() {
     assert_eq!(seen, ["/base/own"]);
 }
 
+// Half the requests come over h2c, which only hyper serves.
+@handed_over
 #[tokio::test]
 async fn redirects_into_the_upstream_point_back_at_the_sidecar() {
     let up_addr = Arc::new(Mutex::new(String::new()));
@@ -473,4 +484,5 @@ async fn access_log_has_one_line_per_request_and_no_token_or_query() {
     ] {
         assert!(!all.contains(secret), "the log holds {secret:?}:\n{all}");
     }
+}
 }

@@ -113,6 +113,11 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         ),
         ("token_sidecar_local_responses_total", "counter", &["error"]),
         (
+            "token_sidecar_proxy_engine_requests_total",
+            "counter",
+            &["engine"],
+        ),
+        (
             "token_sidecar_proxy_request_duration_seconds",
             "histogram",
             &[],

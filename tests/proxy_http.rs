@@ -25,8 +25,6 @@ async fn ok_pair(overrides: &str) -> (Upstream, Front) {
 }
 
 engines! {
-// The request offers `Upgrade: foo`: the lane hands upgrade requests to hyper.
-@handed_over
 #[tokio::test]
 async fn hop_by_hop_and_connection_listed_headers_are_removed_both_ways() {
     let up = Upstream::start(|_| async {
@@ -89,8 +87,6 @@ async fn hop_by_hop_and_connection_listed_headers_are_removed_both_ways() {
     assert_ne!(resp.header("connection"), Some("x-hop-resp"));
 }
 
-// `Upgrade: h2c`: the lane hands upgrade requests to hyper.
-@handed_over
 #[tokio::test]
 async fn an_h2c_upgrade_is_declined_and_the_request_served_in_http1() {
     let (up, front) = ok_pair("").await;
@@ -213,8 +209,6 @@ async fn forwarded_headers_are_added_only_when_enabled() {
     assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
 }
 
-// One target holds a `#`, which the lane leaves to hyper (h1::hyper_takes_as_is).
-@handed_over
 #[tokio::test]
 async fn raw_path_and_query_are_forwarded_byte_for_byte() {
     let (up, front) = ok_pair("").await;

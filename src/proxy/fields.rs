@@ -170,7 +170,8 @@ pub struct RequestFacts<'a> {
     pub hosts: u32,
     pub host: Option<&'a [u8]>,
     pub request_id: Option<&'a [u8]>,
-    /// The first `X-Forwarded-For`, for `proxy.forwarded_headers`.
+    /// The first `X-Forwarded-For`, for `proxy.forwarded_headers`; none when
+    /// `Connection` lists it.
     pub forwarded_for: Option<&'a [u8]>,
     pub content_length: ContentLength,
     pub transfer_coding: TransferCoding,
@@ -216,6 +217,11 @@ impl<'a> RequestFacts<'a> {
                 }
                 _ => {}
             }
+        }
+        // A chain the client declared hop-by-hop is not the client's to
+        // pass on (listing it is how a client would hide its origin).
+        if f.forwarded_for.is_some() && f.connection.names(b"x-forwarded-for") {
+            f.forwarded_for = None;
         }
         f
     }

@@ -467,7 +467,6 @@ impl Conn<'_> {
         {
             return Next::ToHyper;
         }
-        policy.metrics.engine_request(Engine::FastLane);
         let method_bytes = head.method.get(buf);
         let method = Method::from_bytes(method_bytes).unwrap_or(Method::GET);
         let path = head.path.get(buf);
@@ -522,13 +521,18 @@ impl Conn<'_> {
             Err(e) => Err((Failed::Answer(e), body_left)),
             Ok(()) => self.forward(&ex, body_left).await,
         };
+        // Counted once it is clear the lane served it (not when the
+        // upstream turned out to speak HTTP/2 and hyper took it over).
+        if !matches!(next, Err((Failed::ToHyper, _))) {
+            policy.metrics.engine_request(Engine::FastLane);
+        }
         let next = match next {
             Ok(next) => next,
             // The client went away while waiting: nobody to answer (the
             // access log line says status 0, as on the hyper engine).
             Err((Failed::Gone, _)) => Next::Close,
             // Nothing was sent or read past the head: hyper takes the
-            // connection from this request on (and logs it).
+            // connection from this request on (and counts and logs it).
             Err((Failed::ToHyper, _)) => {
                 let mut ex = ex;
                 ex.access_log = false;

@@ -4,18 +4,30 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::proxy::body::ProxyBody;
-use crate::proxy::error::json_error;
+use crate::serve::ServeOptions;
 use crate::token::TokenHandle;
+
+type Body = Full<Bytes>;
+
+/// How the admin listener's connections are served: HTTP/1.1 only, small
+/// heads, idle connections closed after 30 s.
+pub const SERVE: ServeOptions = ServeOptions {
+    max_connections: 64,
+    idle_timeout: Duration::from_secs(30),
+    max_header_bytes: 16 * 1024,
+    http2: false,
+    write_stall_timeout: Some(Duration::from_secs(30)),
+};
 
 pub struct Admin {
     pub token: Arc<TokenHandle>,
@@ -25,7 +37,16 @@ pub struct Admin {
 }
 
 impl Admin {
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// Serves the admin listener until `server` shuts down.
+    pub fn spawn(self, server: &mut crate::serve::Server, listener: tokio::net::TcpListener) {
+        let admin = Arc::new(self);
+        server.spawn(listener, SERVE, move |req, peer| {
+            let admin = admin.clone();
+            async move { admin.handle(req, peer).await }
+        });
+    }
+
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
         let post = req.method() == Method::POST;
         match req.uri().path() {
@@ -68,21 +89,17 @@ impl Admin {
                 json_response(StatusCode::ACCEPTED, json!({"shutdown": "started"}))
             }
             "/healthz" | "/readyz" | "/metrics" | "/status" | "/admin/refresh"
-            | "/admin/shutdown" => {
-                let mut r = Response::new(ProxyBody::full(Bytes::from(json_error(
-                    "method_not_allowed",
-                    "method not allowed",
-                ))));
-                *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-                r
-            }
+            | "/admin/shutdown" => json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "method_not_allowed", "message": "method not allowed"}),
+            ),
             _ => json_response(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
         }
     }
 
     /// Alive unless the token task could not be kept running: then no token
     /// will ever come again, and only a restart of the container helps.
-    fn health(&self) -> Response<ProxyBody> {
+    fn health(&self) -> Response<Body> {
         if self.token.refresher_running() {
             text(StatusCode::OK, "ok\n")
         } else {
@@ -93,7 +110,7 @@ impl Admin {
         }
     }
 
-    fn ready(&self) -> Response<ProxyBody> {
+    fn ready(&self) -> Response<Body> {
         if self.lifecycle.is_draining() {
             return json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -168,8 +185,8 @@ pub fn control_allowed(peer: IpAddr, allow_remote_control: bool) -> bool {
     allow_remote_control || peer.to_canonical().is_loopback()
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::full(body.into()));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -178,8 +195,8 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     r
 }
 
-fn json_response(status: StatusCode, v: serde_json::Value) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::full(Bytes::from(v.to_string())));
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

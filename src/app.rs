@@ -16,12 +16,9 @@ use crate::config::Config;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
-use crate::serve::{ServeOptions, Server};
+use crate::serve::Server;
 use crate::token::client::{HttpTokenClient, TokenEndpoint};
 use crate::token::{refresher, TokenHandle};
-
-/// Largest request head the proxy accepts; beyond it, 431.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Name of the runtime's threads (at most 15 bytes: Linux truncates
 /// `/proc/PID/task/TID/comm` there).
@@ -150,54 +147,19 @@ async fn start_inner<E: TokenEndpoint>(
         .map_err(StartError::Upstream)?,
     );
     let mut proxy_server = Server::new();
-    let opts = ServeOptions {
-        max_connections: config.proxy.max_connections,
-        idle_timeout: config.proxy.client_idle_timeout,
-        max_header_bytes: MAX_HEADER_BYTES,
-        http2: true,
-        write_stall_timeout: Some(config.proxy.body_idle_timeout),
-    };
-    let lane: crate::serve::FirstServer = {
-        let proxy = proxy.clone();
-        Arc::new(move |io, peer, stop| {
-            let proxy = proxy.clone();
-            Box::pin(async move { proxy.serve_lane(io, peer, stop).await })
-        })
-    };
+    let opts = crate::proxy::serve_options(&config.proxy);
     for listener in proxy_listeners {
-        let proxy = proxy.clone();
-        proxy_server.spawn_with_first(
-            listener,
-            opts.clone(),
-            Some(lane.clone()),
-            move |req, peer| {
-                let proxy = proxy.clone();
-                async move { proxy.handle(req, peer).await }
-            },
-        );
+        proxy_server.spawn_handler(listener, opts.clone(), proxy.clone());
     }
 
-    let admin = Arc::new(Admin {
+    let mut admin_server = Server::new();
+    Admin {
         token: token.clone(),
         metrics: metrics.clone(),
         lifecycle: lifecycle.clone(),
         allow_remote_control: config.admin.allow_remote_control,
-    });
-    let mut admin_server = Server::new();
-    admin_server.spawn(
-        admin_listener,
-        ServeOptions {
-            max_connections: 64,
-            idle_timeout: Duration::from_secs(30),
-            max_header_bytes: 16 * 1024,
-            http2: false,
-            write_stall_timeout: Some(Duration::from_secs(30)),
-        },
-        move |req, peer| {
-            let admin = admin.clone();
-            async move { admin.handle(req, peer).await }
-        },
-    );
+    }
+    .spawn(&mut admin_server, admin_listener);
     info!(proxy = ?proxy_addrs, admin = %admin_addr, upstream = %config.proxy.upstream, "listening");
     Ok(Running {
         proxy_addrs,

@@ -65,6 +65,9 @@ pub struct ProxyConfig {
     pub allow_paths: Vec<String>,
     pub ca_file: Option<PathBuf>,
     pub access_log: bool,
+    /// Serve plain HTTP/1.1 exchanges with the fast lane; `false`: hyper
+    /// serves everything.
+    pub fast_lane: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -295,6 +298,7 @@ pub fn load_with_env(fig: Figment, env_names: &[String]) -> Result<Loaded, Confi
         allow_paths: r.value("proxy.allow_paths", Vec::new()),
         ca_file: r.optional_path("proxy.ca_file"),
         access_log: r.value("proxy.access_log", true),
+        fast_lane: r.value("proxy.fast_lane", true),
     };
     let admin = AdminConfig {
         listen: r

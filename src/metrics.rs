@@ -15,17 +15,70 @@ use prometheus::{
 
 use crate::token::{GrantKind, Outcome};
 
-/// Codes of the answers the sidecar makes itself (the `error` label, and the
-/// `error` field of the JSON body).
-pub const LOCAL_ERRORS: &[&str] = &[
-    "token_unavailable",
-    "upstream_unavailable",
-    "upstream_timeout",
-    "request_timeout",
-    "bad_request",
-    "method_not_allowed",
-    "path_not_allowed",
-];
+/// Codes of the answers the sidecar makes itself: the `error` label of
+/// `token_sidecar_local_responses_total` and the `error` field of the JSON
+/// body. A type rather than strings, so that a code without a series cannot
+/// be counted (it would not compile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalError {
+    TokenUnavailable,
+    UpstreamUnavailable,
+    UpstreamTimeout,
+    RequestTimeout,
+    BadRequest,
+    MethodNotAllowed,
+    PathNotAllowed,
+    RequestHeaderTooLarge,
+    UnsupportedTransferCoding,
+}
+
+impl LocalError {
+    /// Every code, in the order of their series.
+    pub const ALL: [LocalError; 9] = [
+        LocalError::TokenUnavailable,
+        LocalError::UpstreamUnavailable,
+        LocalError::UpstreamTimeout,
+        LocalError::RequestTimeout,
+        LocalError::BadRequest,
+        LocalError::MethodNotAllowed,
+        LocalError::PathNotAllowed,
+        LocalError::RequestHeaderTooLarge,
+        LocalError::UnsupportedTransferCoding,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalError::TokenUnavailable => "token_unavailable",
+            LocalError::UpstreamUnavailable => "upstream_unavailable",
+            LocalError::UpstreamTimeout => "upstream_timeout",
+            LocalError::RequestTimeout => "request_timeout",
+            LocalError::BadRequest => "bad_request",
+            LocalError::MethodNotAllowed => "method_not_allowed",
+            LocalError::PathNotAllowed => "path_not_allowed",
+            LocalError::RequestHeaderTooLarge => "request_header_too_large",
+            LocalError::UnsupportedTransferCoding => "unsupported_transfer_coding",
+        }
+    }
+}
+
+/// Which of the proxy's two HTTP engines served a request: the fast lane
+/// (plain HTTP/1.1, parsed in place) or hyper (everything else).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    FastLane,
+    Hyper,
+}
+
+impl Engine {
+    pub const ALL: [Engine; 2] = [Engine::FastLane, Engine::Hyper];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::FastLane => "fast_lane",
+            Engine::Hyper => "hyper",
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -35,7 +88,11 @@ pub struct Metrics {
     token_generation: IntGauge,
     token_valid: IntGauge,
     proxy_requests: [IntCounter; 5],
-    local_responses: Vec<IntCounter>,
+    local_responses: [IntCounter; LocalError::ALL.len()],
+    engine_requests: [IntCounter; Engine::ALL.len()],
+    /// 401 replays by engine; not exported (the series counts them all),
+    /// read by the tests that assert which engine replayed.
+    engine_replays: [std::sync::atomic::AtomicU64; Engine::ALL.len()],
     proxy_duration: Histogram,
     upstream_retries_401: IntCounter,
     inflight: IntGauge,
@@ -97,10 +154,16 @@ impl Metrics {
             &["error"],
         )
         .expect("static metric definition is valid");
-        let local_responses = LOCAL_ERRORS
-            .iter()
-            .map(|e| local_vec.with_label_values(&[e]))
-            .collect();
+        let local_responses = LocalError::ALL.map(|e| local_vec.with_label_values(&[e.as_str()]));
+        let engine_vec = IntCounterVec::new(
+            Opts::new(
+                "token_sidecar_proxy_engine_requests_total",
+                "Requests by the proxy engine that served them: fast_lane (plain HTTP/1.1) or hyper.",
+            ),
+            &["engine"],
+        )
+        .expect("static metric definition is valid");
+        let engine_requests = Engine::ALL.map(|e| engine_vec.with_label_values(&[e.as_str()]));
         let proxy_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "token_sidecar_proxy_request_duration_seconds",
@@ -159,6 +222,7 @@ impl Metrics {
             Box::new(token_valid.clone()),
             Box::new(proxy_requests_vec),
             Box::new(local_vec),
+            Box::new(engine_vec),
             Box::new(proxy_duration.clone()),
             Box::new(retries),
             Box::new(inflight.clone()),
@@ -184,6 +248,8 @@ impl Metrics {
             token_valid,
             proxy_requests,
             local_responses,
+            engine_requests,
+            engine_replays: Default::default(),
             proxy_duration,
             upstream_retries_401,
             inflight,
@@ -225,11 +291,25 @@ impl Metrics {
         self.proxy_requests[i].inc();
     }
 
-    /// Counts an answer the sidecar made itself; `code` is one of [`LOCAL_ERRORS`].
-    pub fn local_response(&self, code: &str) {
-        if let Some(i) = LOCAL_ERRORS.iter().position(|c| *c == code) {
-            self.local_responses[i].inc();
-        }
+    /// Counts an answer the sidecar made itself.
+    pub fn local_response(&self, code: LocalError) {
+        self.local_responses[code as usize].inc();
+    }
+
+    /// Counts a request by the engine that serves it.
+    #[inline]
+    pub fn engine_request(&self, engine: Engine) {
+        self.engine_requests[engine as usize].inc();
+    }
+
+    /// Requests the engine has served so far (tests assert which engine ran).
+    pub fn engine_requests(&self, engine: Engine) -> u64 {
+        self.engine_requests[engine as usize].get()
+    }
+
+    /// 401 replays the engine has made so far.
+    pub fn engine_replays(&self, engine: Engine) -> u64 {
+        self.engine_replays[engine as usize].load(std::sync::atomic::Ordering::Relaxed)
     }
 
     #[inline]
@@ -237,7 +317,8 @@ impl Metrics {
         self.proxy_duration.observe(took.as_secs_f64());
     }
 
-    pub fn replayed_after_401(&self) {
+    pub fn replayed_after_401(&self, engine: Engine) {
+        self.engine_replays[engine as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.upstream_retries_401.inc();
     }
 
@@ -262,5 +343,20 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_enums_index_their_series() {
+        for (i, e) in LocalError::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i, "{e:?}");
+        }
+        for (i, e) in Engine::ALL.iter().enumerate() {
+            assert_eq!(*e as usize, i, "{e:?}");
+        }
     }
 }

@@ -81,6 +81,7 @@ fn series(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
+engines! {
 #[tokio::test]
 async fn every_documented_metric_exists_with_its_type_and_labels() {
     let h = Harness::start(300.0, "[proxy]\nallow_paths = [\"/api/\"]").await;
@@ -113,6 +114,11 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
             &["status_class"],
         ),
         ("token_sidecar_local_responses_total", "counter", &["error"]),
+        (
+            "token_sidecar_proxy_engine_requests_total",
+            "counter",
+            &["engine"],
+        ),
         (
             "token_sidecar_proxy_request_duration_seconds",
             "histogram",
@@ -166,7 +172,7 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
             .series
             .contains(&series(&[&format!("status_class={class}")])));
     }
-    for code in token_sidecar::metrics::LOCAL_ERRORS {
+    for code in token_sidecar::metrics::LocalError::ALL.map(|c| c.as_str()) {
         assert!(families["token_sidecar_local_responses_total"]
             .series
             .contains(&series(&[&format!("error={code}")])));
@@ -214,6 +220,7 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         )),
         1.0
     );
+}
 }
 
 #[tokio::test]
@@ -266,6 +273,7 @@ async fn probes_status_and_forced_refresh() {
     assert_eq!(r.status(), 405);
 }
 
+engines! {
 #[tokio::test]
 async fn a_lost_token_shows_in_readyz_status_and_metrics() {
     // 2 s tokens refresh at 1 s; the refresh and then the password are refused.
@@ -322,6 +330,7 @@ async fn a_lost_token_shows_in_readyz_status_and_metrics() {
         m(r#"token_sidecar_local_responses_total{error="token_unavailable"}"#),
         1.0
     );
+}
 }
 
 /// The same instant as epoch seconds and RFC 3339.

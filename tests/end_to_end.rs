@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 
+engines! {
 #[tokio::test]
 async fn injects_the_bearer_token_and_replaces_the_clients_authorization() {
     let h = Harness::start(300.0, "").await;
@@ -39,6 +40,7 @@ async fn injects_the_bearer_token_and_replaces_the_clients_authorization() {
     let auth = echo["headers"]["authorization"].as_str().unwrap();
     assert!(auth.starts_with("Bearer fake-access-1-"), "{auth}");
     assert_eq!(h.world.with(|w| w.password_grants), 1);
+}
 }
 
 // ---------------------------------------------------------------------------
@@ -176,6 +178,9 @@ const CHUNK: usize = 64 * 1024;
 /// 32 MiB in 64 KiB chunks.
 const CHUNKS: usize = 512;
 
+engines! {
+// A streamed body of unknown length goes chunked: the lane hands those to hyper.
+@handed_over
 #[tokio::test]
 async fn a_32_mib_upload_arrives_whole() {
     let h = Harness::start(300.0, "").await;
@@ -268,6 +273,8 @@ async fn the_download_reaches_the_client_before_the_upstream_has_finished() {
     assert_eq!(got, 32 * 1024);
 }
 
+// A streamed body of unknown length goes chunked: the lane hands those to hyper.
+@handed_over
 #[tokio::test]
 async fn the_upload_reaches_the_upstream_before_the_client_has_finished() {
     // The client sends its second chunk only once the upstream has the first:
@@ -444,6 +451,7 @@ async fn no_token_at_start_gives_503_token_unavailable_with_retry_after() {
         .unwrap();
     assert_eq!(health.status(), 200);
 }
+}
 
 #[tokio::test]
 async fn readyz_and_healthz_with_a_token() {
@@ -465,6 +473,7 @@ async fn readyz_and_healthz_with_a_token() {
     assert_eq!(health.status(), 200);
 }
 
+engines! {
 #[tokio::test]
 async fn an_unreachable_upstream_gives_502_upstream_unavailable() {
     // A loopback port that was just free: nothing listens there.
@@ -515,6 +524,9 @@ async fn an_upstream_that_never_answers_gives_504_upstream_timeout() {
     silent.abort();
 }
 
+// An absolute-form target: the lane leaves every target that is not
+// origin-form to hyper (h1::parse_request).
+@handed_over
 #[tokio::test]
 async fn an_absolute_form_target_naming_another_host_gives_400() {
     let h = Harness::start(300.0, "").await;
@@ -544,6 +556,8 @@ async fn an_absolute_form_target_naming_another_host_gives_400() {
     assert_eq!(echo["path"], "/base/backoffice/api/x");
 }
 
+// CONNECT: the lane leaves it to hyper (h1::parse_request).
+@handed_over
 #[tokio::test]
 async fn connect_gives_405() {
     let h = Harness::start(300.0, "").await;
@@ -562,4 +576,5 @@ async fn connect_gives_405() {
     assert_eq!(body["error"], "method_not_allowed");
     assert_eq!(local_count(&h, "method_not_allowed").await, 1.0);
     assert_eq!(h.world.with(|w| w.backoffice_requests), 0);
+}
 }

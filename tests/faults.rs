@@ -11,11 +11,11 @@
 //! fault; the timeouts in [`FAST`] only make the ones that must expire short.
 //! Rows about a whole process (SIGTERM, memory) spawn the real binary.
 
+mod sidecar_process;
 mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
@@ -27,7 +27,7 @@ use figment::Figment;
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use token_sidecar::app::{self, Running};
+use token_sidecar::app::Running;
 use token_sidecar::config::{self, Config};
 use token_sidecar::fake::{self, FakeServer, Fault, Scripted, World};
 use token_sidecar::proxy::body::ProxyBody;
@@ -191,7 +191,7 @@ impl Rig {
     async fn start(world: Arc<World>, token_url: &str, upstream: &str, extra: &[&str]) -> Rig {
         capture_logs();
         let cfg = config(&world, token_url, upstream, extra);
-        let sidecar = app::start(&cfg).await.expect("sidecar starts");
+        let sidecar = support::start_sidecar(&cfg).await;
         Rig {
             proxy: sidecar.proxy_addrs[0],
             admin: sidecar.admin_addr,
@@ -380,6 +380,7 @@ async fn fault_row(fault: Fault, code: &str) {
 // ---------------------------------------------------------------------------
 // Token endpoint
 
+engines! {
 #[tokio::test]
 async fn token_endpoint_refused_connection() {
     let world = World::new(300.0);
@@ -496,6 +497,7 @@ async fn expires_in_zero_or_negative_without_a_jwt_exp_is_refused() {
     )
     .await;
 }
+}
 
 /// Seconds between `obtained_at` and `expires_at` in `/status`.
 async fn lifetime_secs(rig: &Rig) -> u64 {
@@ -503,6 +505,7 @@ async fn lifetime_secs(rig: &Rig) -> u64 {
     s["expires_at"].as_u64().unwrap() - s["obtained_at"].as_u64().unwrap()
 }
 
+engines! {
 #[tokio::test]
 async fn expires_in_absent_uses_default_lifetime() {
     let world = World::new(300.0);
@@ -541,6 +544,7 @@ async fn expires_in_absent_zero_or_negative_with_a_jwt_uses_its_exp() {
         assert_eq!(rig.get("/api/x").await.status, 200);
     }
     rig.assert_no_leak().await;
+}
 }
 
 /// A TLS front for the fake token endpoint, whose certificate can be swapped.
@@ -617,6 +621,7 @@ impl TlsFront {
     }
 }
 
+engines! {
 #[tokio::test]
 async fn token_endpoint_tls_certificate_for_the_wrong_name() {
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -652,6 +657,7 @@ async fn token_endpoint_tls_certificate_for_the_wrong_name() {
     .await;
     // The client refused the certificate, in both phases.
     assert!(front.failed_handshakes.load(Ordering::Relaxed) >= 2);
+}
 }
 
 // ---------------------------------------------------------------------------
@@ -719,6 +725,7 @@ fn grants(world: &World) -> u64 {
     world.with(|w| w.password_grants + w.refresh_grants)
 }
 
+engines! {
 #[tokio::test]
 async fn upstream_refused() {
     let addr = free_addr().await;
@@ -786,6 +793,7 @@ async fn upstream_resets_mid_response() {
     .await;
     rig.assert_no_leak().await;
 }
+}
 
 /// Reads one request head (and ignores any body); `None` at EOF.
 async fn read_head(tcp: &mut TcpStream) -> Option<Vec<u8>> {
@@ -800,6 +808,7 @@ async fn read_head(tcp: &mut TcpStream) -> Option<Vec<u8>> {
     Some(head)
 }
 
+engines! {
 #[tokio::test]
 async fn upstream_slow_headers_past_request_timeout() {
     let (addr, _server, count) = upstream(|n| async move {
@@ -871,6 +880,7 @@ async fn upstream_403_is_not_replayed_even_with_retry_on_any_401() {
     assert_eq!(grants(&rig.world), 1, "no new token asked for");
     rig.assert_no_leak().await;
 }
+}
 
 // ---------------------------------------------------------------------------
 // Client
@@ -885,6 +895,7 @@ async fn wait_idle(rig: &Rig) {
     .await;
 }
 
+engines! {
 #[tokio::test]
 async fn client_disconnects_mid_upload() {
     let world = World::new(300.0);
@@ -935,6 +946,7 @@ async fn client_disconnects_mid_download() {
     assert_eq!(resp.bytes().await.unwrap().len(), 32 << 20);
     rig.assert_no_leak().await;
 }
+}
 
 /// Writes `request` (ignoring a write error: the server may close early) and
 /// returns the status code of the answer, if one came before the close.
@@ -954,6 +966,7 @@ async fn raw_status(addr: SocketAddr, request: Vec<u8>) -> Option<u16> {
         .and_then(|c| c.parse().ok())
 }
 
+engines! {
 #[tokio::test]
 async fn client_sends_10000_headers() {
     let world = World::new(300.0);
@@ -1007,6 +1020,9 @@ async fn client_sends_a_malformed_request_line() {
     rig.assert_no_leak().await;
 }
 
+// Absolute-form and CONNECT targets: the lane leaves every target that is
+// not origin-form to hyper (h1::parse_request).
+@handed_over
 #[tokio::test]
 async fn not_an_open_proxy() {
     let world = World::new(300.0);
@@ -1022,6 +1038,7 @@ async fn not_an_open_proxy() {
         "nothing forwarded"
     );
     rig.assert_no_leak().await;
+}
 }
 
 // ---------------------------------------------------------------------------
@@ -1042,6 +1059,7 @@ fn write_secret_version(dir: &Path, version: &str, password: &str) {
     }
 }
 
+engines! {
 #[tokio::test]
 async fn secret_file_replaced_by_a_new_symlink_target() {
     let dir = tempfile::tempdir().unwrap();
@@ -1097,11 +1115,13 @@ async fn secret_file_replaced_by_a_new_symlink_target() {
     assert_no_secret("the logs", &logs, &secrets);
     rig.assert_no_leak().await;
 }
+}
 
-/// The real binary with a config file and secret files in `dir`.
+/// The real binary with a config file and secret files in `dir`: a layer
+/// over [`sidecar_process::Process`], which spawns it and captures its output.
 struct Spawned {
-    child: Child,
-    dir: tempfile::TempDir,
+    inner: sidecar_process::Process,
+    _dir: tempfile::TempDir,
     proxy: SocketAddr,
     admin: SocketAddr,
 }
@@ -1112,16 +1132,15 @@ impl Spawned {
         let (secret, password) = world.with(|w| (w.client_secret.clone(), w.password.clone()));
         std::fs::write(dir.path().join("client_secret"), &secret).unwrap();
         std::fs::write(dir.path().join("password"), &password).unwrap();
-        let (proxy, admin) = (free_addr().await, free_addr().await);
         let (id, user) = world.with(|w| (w.client_id.clone(), w.username.clone()));
         let toml = format!(
             r#"
 [proxy]
-listen = "{proxy}"
+listen = "127.0.0.1:0"
 upstream = "{upstream}"
 token_wait = "2s"
 [admin]
-listen = "{admin}"
+listen = "127.0.0.1:0"
 [oauth]
 token_url = "{token_url}"
 client_id = "{id}"
@@ -1142,24 +1161,8 @@ worker_threads = 2
 "#,
             d = dir.path().display()
         );
-        let config = dir.path().join("config.toml");
-        std::fs::write(&config, toml).unwrap();
-        let out = std::fs::File::create(dir.path().join("out.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_token-sidecar"))
-            .arg("--config")
-            .arg(&config)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("spawn token-sidecar");
-        let s = Spawned {
-            child,
-            dir,
-            proxy,
-            admin,
-        };
+        let mut inner = sidecar_process::Process::run_config(&toml, |_| {});
+        let (proxy, admin) = inner.addresses().await;
         let client = support::client();
         eventually(WAIT, "the binary's admin listener", || async {
             client
@@ -1169,22 +1172,21 @@ worker_threads = 2
                 .is_ok()
         })
         .await;
-        s
+        Spawned {
+            inner,
+            _dir: dir,
+            proxy,
+            admin,
+        }
     }
 
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill -{sig}");
+    fn signal(&self, sig: i32) {
+        self.inner.signal(sig);
     }
 
     /// Peak resident memory (VmHWM), in KiB.
     fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.inner.pid())).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -1193,31 +1195,15 @@ worker_threads = 2
     }
 
     async fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the binary did not exit"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.inner.wait_exit(WAIT).await
     }
 
     fn output(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("out.log")).unwrap_or_default()
+        self.inner.text()
     }
 }
 
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+engines! {
 #[tokio::test]
 async fn sigterm_under_load_loses_no_inflight_request() {
     const INFLIGHT: u64 = 16;
@@ -1258,7 +1244,7 @@ async fn sigterm_under_load_loses_no_inflight_request() {
         count.load(Ordering::SeqCst) == INFLIGHT
     })
     .await;
-    sidecar.signal("TERM");
+    sidecar.signal(libc::SIGTERM);
     // Draining: the admin listener reports not ready before we let go.
     eventually(WAIT, "/readyz 503 while draining", || async {
         match client
@@ -1330,7 +1316,8 @@ async fn token_endpoint_64_mib_body_keeps_the_binary_memory_flat() {
             .is_ok_and(|r| r.status() == 200)
     })
     .await;
-    sidecar.signal("TERM");
+    sidecar.signal(libc::SIGTERM);
     assert!(sidecar.wait_exit().await.success());
     assert_no_secret("the binary's output", &sidecar.output(), &secrets(&world));
+}
 }

@@ -21,6 +21,7 @@ const CLIENTS_PER_POD: usize = 3;
 const LIFETIME_SECS: f64 = 3.0;
 const RUN: Duration = Duration::from_secs(9);
 
+engines! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sidecars_sharing_a_user_converge_when_refresh_tokens_rotate() {
     fleet(true).await;
@@ -32,6 +33,7 @@ async fn three_sidecars_sharing_a_user_converge_when_refresh_tokens_rotate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sidecars_sharing_a_user_converge_when_refresh_tokens_are_kept() {
     fleet(false).await;
+}
 }
 
 async fn fleet(rotate: bool) {

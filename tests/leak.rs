@@ -294,6 +294,9 @@ async fn trace_run(oauth_extra: &str) -> (Process, Haystacks, Vec<String>) {
     (p, hay, tokens)
 }
 
+engines! {
+// One request of the run comes over h2c, which only hyper serves.
+@handed_over
 #[tokio::test]
 async fn trace_run_with_form_params_and_basic_auth_leaks_no_secret() {
     let (p, hay, tokens) = trace_run("").await;
@@ -303,11 +306,14 @@ async fn trace_run_with_form_params_and_basic_auth_leaks_no_secret() {
     assert!(text.contains("\"level\":\"TRACE\""), "no trace lines");
 }
 
+// One request of the run comes over h2c, which only hyper serves.
+@handed_over
 #[tokio::test]
 async fn trace_run_with_query_params_and_body_client_auth_leaks_no_secret() {
     // The most exposed setting: password and client secret both in the URL.
     let (_, hay, tokens) = trace_run("params_in = \"query\"\nclient_auth = \"body\"").await;
     assert_no_leak(&hay, &tokens);
+}
 }
 
 #[tokio::test]
@@ -344,6 +350,7 @@ fn events<'a>(lines: &'a [serde_json::Value], message: &str) -> Vec<&'a serde_js
     lines.iter().filter(|v| v["message"] == message).collect()
 }
 
+engines! {
 #[tokio::test]
 async fn the_token_lifecycle_is_logged_at_info_and_failures_with_the_oauth_error_code() {
     let (world, auth, api) = world().await;
@@ -439,6 +446,7 @@ async fn the_token_lifecycle_is_logged_at_info_and_failures_with_the_oauth_error
         (&"ERROR".into(), &"invalid_grant".into(), &"password".into())
     );
     assert!(rejected[0]["hint"].as_str().unwrap().contains("password"));
+}
 }
 
 /// Starts the binary with a login the fake refuses; returns its output once

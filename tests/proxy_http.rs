@@ -24,6 +24,7 @@ async fn ok_pair(overrides: &str) -> (Upstream, Front) {
     (up, front)
 }
 
+engines! {
 #[tokio::test]
 async fn hop_by_hop_and_connection_listed_headers_are_removed_both_ways() {
     let up = Upstream::start(|_| async {
@@ -178,6 +179,8 @@ async fn request_id_is_kept_or_generated_and_sent_both_ways() {
     assert!(refused.has_header("x-request-id"));
 }
 
+// One request comes over h2c, which only hyper serves.
+@handed_over
 #[tokio::test]
 async fn forwarded_headers_are_added_only_when_enabled() {
     let (up, front) = ok_pair("").await;
@@ -300,6 +303,9 @@ async fn allow_paths_refuse_everything_else_with_403() {
     assert_eq!(up.seen().len(), 3);
 }
 
+// Absolute-form, `*` and CONNECT targets: the lane leaves every target that
+// is not origin-form to hyper (h1::parse_request).
+@handed_over
 #[tokio::test]
 async fn not_an_open_proxy() {
     let (up, front) = ok_pair("").await;
@@ -340,6 +346,8 @@ async fn not_an_open_proxy() {
     assert_eq!(seen, ["/base/own"]);
 }
 
+// Half the requests come over h2c, which only hyper serves.
+@handed_over
 #[tokio::test]
 async fn redirects_into_the_upstream_point_back_at_the_sidecar() {
     let up_addr = Arc::new(Mutex::new(String::new()));
@@ -470,4 +478,5 @@ async fn access_log_has_one_line_per_request_and_no_token_or_query() {
     ] {
         assert!(!all.contains(secret), "the log holds {secret:?}:\n{all}");
     }
+}
 }

@@ -35,6 +35,9 @@ fn h2c_client() -> reqwest::Client {
         .unwrap()
 }
 
+engines! {
+// h2c with prior knowledge: only hyper serves HTTP/2.
+@hyper_only
 #[tokio::test]
 async fn h2c_with_prior_knowledge_is_served() {
     let up = Upstream::start(describe).await;
@@ -58,6 +61,8 @@ async fn h2c_with_prior_knowledge_is_served() {
     assert_eq!(seen[0].headers["authorization"], front.bearer());
 }
 
+// An HTTP/2 client connection: only hyper serves HTTP/2.
+@hyper_only
 #[tokio::test]
 async fn an_idle_http2_connection_is_closed() {
     let up = Upstream::ok().await;
@@ -84,6 +89,7 @@ async fn an_idle_http2_connection_is_closed() {
     );
     drop(sender);
 }
+}
 
 /// A TLS upstream under a fresh CA and a sidecar trusting it by `ca_file`.
 async fn tls_pair(
@@ -101,6 +107,10 @@ async fn tls_pair(
     (up, front, dir)
 }
 
+engines! {
+// The upstream picks h2 by ALPN: the lane hands such requests to hyper,
+// whose client speaks HTTP/2.
+@handed_over
 #[tokio::test]
 async fn http2_to_a_tls_upstream_under_a_private_ca() {
     let (up, front, _dir) = tls_pair(|r| Box::pin(describe(r))).await;
@@ -286,6 +296,7 @@ async fn upstream_errors_pass_through_untouched() {
     assert_eq!(r.headers()["x-upstream"], "1");
     assert_eq!(r.text().await.unwrap(), "boom");
 }
+}
 
 /// A websocket echo server as an upstream handler: answers the handshake
 /// with 101, then echoes text frames and answers a close frame.
@@ -419,6 +430,9 @@ async fn websocket_round_trip(up: &Upstream, front: &Front) {
     assert!(!connection.contains("keep-alive"), "{connection}");
 }
 
+engines! {
+// An upgrade: the lane hands those to hyper.
+@handed_over
 #[tokio::test]
 async fn websocket_upgrade_passes_through_with_the_token() {
     let up = Upstream::start(websocket_echo).await;
@@ -426,10 +440,13 @@ async fn websocket_upgrade_passes_through_with_the_token() {
     websocket_round_trip(&up, &front).await;
 }
 
+// An upgrade: the lane hands those to hyper.
+@handed_over
 #[tokio::test]
 async fn websocket_to_an_http2_upstream_uses_http1() {
     let (up, front, _dir) = tls_pair(websocket_echo).await;
     websocket_round_trip(&up, &front).await;
+}
 }
 
 /// What an egress proxy saw: request lines and their Proxy-Authorization.
@@ -498,6 +515,10 @@ async fn egress_proxy() -> (std::net::SocketAddr, Arc<Mutex<Vec<ProxySeen>>>) {
     (addr, seen)
 }
 
+engines! {
+// An egress proxy keeps the lane off, and the upstream picks h2 by ALPN
+// (hyper's) once NO_PROXY bypasses it.
+@handed_over
 #[tokio::test]
 async fn https_proxy_from_the_environment_tunnels_and_no_proxy_bypasses_it() {
     let world = token_sidecar::fake::World::new(300.0);
@@ -553,6 +574,8 @@ async fn https_proxy_from_the_environment_tunnels_and_no_proxy_bypasses_it() {
     assert_eq!(up.seen().len(), 2);
 }
 
+// An egress proxy keeps the lane off: hyper serves everything.
+@handed_over
 #[tokio::test]
 async fn http_proxy_from_the_environment_carries_both_clients() {
     let world = token_sidecar::fake::World::new(300.0);
@@ -586,4 +609,5 @@ async fn http_proxy_from_the_environment_carries_both_clients() {
         ]
     );
     assert_eq!(up.only().headers["host"], up.addr.to_string());
+}
 }

@@ -40,6 +40,7 @@ async fn fed_upstream(
     (up, senders)
 }
 
+engines! {
 #[tokio::test]
 async fn a_chunked_download_reaches_the_client_chunk_by_chunk() {
     let (up, mut senders) = fed_upstream("application/octet-stream").await;
@@ -85,6 +86,8 @@ async fn server_sent_events_arrive_one_by_one() {
     }
 }
 
+// A chunked upload: the lane hands those to hyper.
+@handed_over
 #[tokio::test]
 async fn an_upload_streams_to_the_upstream_before_the_client_has_finished() {
     let (chunks_tx, mut chunks) = mpsc::unbounded_channel::<Bytes>();
@@ -132,6 +135,8 @@ async fn an_upload_streams_to_the_upstream_before_the_client_has_finished() {
     assert_eq!(resp.body_text(), received.len().to_string());
 }
 
+// `Expect: 100-continue`: the lane hands those to hyper.
+@handed_over
 #[tokio::test]
 async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     let up = Upstream::start(|req: Request<Incoming>| async move {
@@ -160,6 +165,7 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body_text(), "11 true");
 }
+}
 
 /// Reads one response from a keep-alive connection: the head, then a body
 /// of `Content-Length` bytes unless the response has none.
@@ -177,6 +183,7 @@ async fn next_response(s: &mut TcpStream, has_body: bool) -> upstream::RawRespon
     resp
 }
 
+engines! {
 #[tokio::test]
 async fn head_204_and_304_have_no_body_and_keep_the_connection_in_step() {
     let up = Upstream::start(|req: Request<Incoming>| async move {
@@ -239,6 +246,8 @@ async fn head_204_and_304_have_no_body_and_keep_the_connection_in_step() {
     assert_eq!(up.seen()[3].headers["if-none-match"], "\"v1\"");
 }
 
+// A chunked upload (with trailers): the lane hands those to hyper.
+@handed_over
 #[tokio::test]
 async fn trailers_pass_through_both_ways() {
     let (trailers_tx, mut request_trailers) = mpsc::unbounded_channel::<Option<HeaderMap>>();
@@ -280,6 +289,7 @@ async fn trailers_pass_through_both_ways() {
     assert_eq!(upstream_trailers["x-client-sum"], "42");
     assert_eq!(up.only().headers["te"], "trailers");
 }
+}
 
 /// A raw upstream that reports when a request head has arrived and when
 /// the connection carrying it is closed by the proxy.
@@ -314,6 +324,7 @@ async fn watching_upstream() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<&
     (addr, rx)
 }
 
+engines! {
 #[tokio::test]
 async fn a_client_going_away_cancels_the_upstream_request() {
     let (addr, mut events) = watching_upstream().await;
@@ -558,6 +569,7 @@ async fn max_connections_bounds_all_listeners_together() {
     drop(first);
     assert_eq!(next_response(&mut second, true).await.status, 200);
 }
+}
 
 /// Writes `request` while reading the answer (the server may answer and close
 /// before the whole request is written), until the server closes.
@@ -581,6 +593,9 @@ async fn send_oversized(addr: std::net::SocketAddr, request: Vec<u8>) -> Vec<u8>
     out
 }
 
+engines! {
+// Heads over the lane's limit, and h2c: the lane hands both to hyper.
+@handed_over
 #[tokio::test]
 async fn oversized_request_heads_get_431_and_the_proxy_carries_on() {
     let up = Upstream::ok().await;
@@ -630,6 +645,7 @@ async fn oversized_request_heads_get_431_and_the_proxy_carries_on() {
     let ok = h2.get(front.url("/x")).send().await.unwrap();
     assert_eq!(ok.status(), 200);
 }
+}
 
 const GIB: u64 = 1024 * 1024 * 1024;
 
@@ -670,6 +686,7 @@ async fn download_gib(proxy: std::net::SocketAddr) {
     assert_eq!(total, GIB);
 }
 
+engines! {
 // Multi-thread: the client, the upstream and the sidecar process all move
 // bytes at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -783,4 +800,5 @@ async fn shutdown_closes_idle_connections_and_lets_exchanges_finish() {
         .await
         .expect("shutdown returns once the download is done")
         .unwrap();
+}
 }

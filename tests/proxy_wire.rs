@@ -511,6 +511,7 @@ async fn describing_upstream() -> Upstream {
     .await
 }
 
+engines! {
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_with_their_own_ids() {
     let up = describing_upstream().await;
@@ -1012,6 +1013,8 @@ async fn a_client_connection_close_gets_its_answer_then_the_close() {
 // ---------------------------------------------------------------------------
 // HTTP/1.0 and interim responses
 
+// HTTP/1.0: the lane hands those to hyper.
+@handed_over
 #[tokio::test]
 async fn an_http10_request_without_host_is_answered_and_delimited() {
     let mut up = RawUp::start(|seen| {
@@ -1070,6 +1073,7 @@ async fn interim_responses_before_the_final_one_do_not_break_the_exchange() {
         up.request().await;
     }
 }
+}
 
 // ---------------------------------------------------------------------------
 // Bad requests
@@ -1100,9 +1104,10 @@ fn status_of(answer: &[u8]) -> Option<u16> {
         .ok()
 }
 
+engines! {
 #[tokio::test]
 async fn request_heads_over_the_size_limit_get_431_and_under_it_pass() {
-    let limit = token_sidecar::app::MAX_HEADER_BYTES;
+    let limit = token_sidecar::proxy::MAX_HEADER_BYTES;
     let mut up = RawUp::always(&ok("ok"), Then::KeepAlive).await;
     let front = front(&up).await;
 
@@ -1170,6 +1175,9 @@ async fn malformed_requests_get_400_and_the_proxy_carries_on() {
     assert_eq!(c.response().await.status(), 200);
 }
 
+// `Transfer-Encoding`, and invalid or repeated `Content-Length`: the lane
+// leaves those to hyper (h1::parse_request).
+@handed_over
 #[tokio::test]
 async fn request_framing_that_could_smuggle_is_refused_or_read_as_chunked() {
     let mut up = RawUp::always(&ok("ok"), Then::KeepAlive).await;
@@ -1323,6 +1331,8 @@ async fn bytes_after_a_complete_response_are_not_taken_for_the_next_one() {
     }
 }
 
+// The handover is the point: a chunked upload and an `Expect` go to hyper.
+@handed_over
 #[tokio::test]
 async fn a_connection_handed_to_hyper_mid_way_keeps_the_bytes_already_read() {
     // The fast lane serves plain requests and hands a connection to hyper
@@ -1365,4 +1375,5 @@ async fn a_connection_handed_to_hyper_mid_way_keeps_the_bytes_already_read() {
         Some("POST /base/four 2")
     );
     assert_eq!(c.response().await.text(), "GET /base/five 0 id=hand-5");
+}
 }

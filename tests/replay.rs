@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
-use token_sidecar::app::{self, Running};
+use token_sidecar::app::Running;
 use token_sidecar::fake::{self, FakeServer, World};
 use token_sidecar::proxy::body::ProxyBody;
 use token_sidecar::serve::{ServeOptions, Server};
@@ -46,6 +46,7 @@ fn bearer(echo: &serde_json::Value) -> String {
         .to_owned()
 }
 
+engines! {
 #[tokio::test]
 async fn thousand_concurrent_requests_at_start_cause_one_password_grant() {
     // Three sockets per request live in this process (client, proxy in and
@@ -152,6 +153,7 @@ async fn retry_off_passes_401_back_and_asks_for_no_token() {
     assert_eq!(metric(&h, RETRIES).await, 0.0);
     assert_eq!(h.running().token.status().generation, 1);
 }
+}
 
 /// A test upstream that, like Tomcat, reads the whole request body before
 /// answering; it rejects the fake's tokens up to generation `reject_up_to`
@@ -227,7 +229,7 @@ async fn picky(status: u16, www_authenticate: &'static str, overrides: &str) -> 
         &format!("http://{upstream_addr}/"),
         overrides,
     );
-    let running = app::start(&config).await.unwrap();
+    let running = support::start_sidecar(&config).await;
     running
         .token
         .wait_usable(0, Duration::from_secs(10))
@@ -277,6 +279,7 @@ impl Picky {
 const INVALID_TOKEN: &str = "Bearer error=\"invalid_token\", error_description=\"expired\"";
 const PLAIN_401: &str = "Bearer realm=\"backoffice\"";
 
+engines! {
 #[tokio::test]
 async fn large_body_meeting_a_401_is_passed_back_and_a_small_body_is_replayed_intact() {
     let p = picky(401, INVALID_TOKEN, "[refresh]\nmin_interval = \"100ms\"").await;
@@ -448,4 +451,5 @@ async fn expired_token_is_never_injected_during_an_outage() {
     })
     .await;
     assert_eq!(h.world.with(|w| w.backoffice_401s), 0);
+}
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 use figment::providers::{Format, Toml};
 use figment::Figment;
 use http::StatusCode;
-use token_sidecar::app;
 use token_sidecar::config;
 use token_sidecar::fake::{self, World};
 
@@ -35,6 +34,7 @@ fn secret_volume(dir: &Path, password: &str, client_secret: &str) -> (PathBuf, P
     (dir.join("password"), dir.join("client_secret"))
 }
 
+engines! {
 #[tokio::test]
 async fn rotated_secret_files_take_effect_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -61,7 +61,7 @@ async fn rotated_secret_files_take_effect_without_a_restart() {
         .merge(Toml::string(&base))
         .merge(Toml::string(overrides));
     let config = config::load_figment(fig).unwrap().config;
-    let sidecar = app::start(&config).await.unwrap();
+    let sidecar = support::start_sidecar(&config).await;
     let url = format!("http://{}/api/x", sidecar.proxy_addrs[0]);
     let client = support::client();
     let get = || async { client.get(&url).send().await.unwrap().status() };
@@ -115,4 +115,5 @@ async fn rotated_secret_files_take_effect_without_a_restart() {
     .await;
     assert_eq!(last_password().as_deref(), Some("third-password"));
     assert_eq!(token.status().last_error, None);
+}
 }

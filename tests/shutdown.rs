@@ -131,6 +131,8 @@ impl Setup {
             .await
             .expect("the slow request reaches the upstream")
             .expect("upstream running");
+        // For the engine check: the process may end without a signal.
+        self.sidecar.read_engine_counts();
         task
     }
 
@@ -140,6 +142,7 @@ impl Setup {
             .get(format!("http://{}/fast", self.proxy))
             .send()
             .await?;
+        self.sidecar.read_engine_counts();
         Ok(r.status().as_u16())
     }
 }
@@ -155,6 +158,7 @@ async fn until_refused(addr: SocketAddr) {
     .await;
 }
 
+engines! {
 #[tokio::test]
 async fn sigterm_drains_then_refuses_new_connections_and_finishes_the_request_in_flight() {
     let mut s = setup("drain_delay = \"3s\"\ngrace = \"20s\"").await;
@@ -287,6 +291,7 @@ async fn post_admin_shutdown_from_loopback_drains_like_sigterm() {
         .sidecar
         .text()
         .contains("\"reason\":\"POST /admin/shutdown\""));
+}
 }
 
 #[tokio::test]

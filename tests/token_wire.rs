@@ -11,7 +11,6 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use support::Harness;
-use token_sidecar::app;
 use token_sidecar::fake::{self, SeenRequest, World};
 
 /// Characters that differ under form-urlencoding: space, `/`, `+`.
@@ -306,7 +305,7 @@ async fn the_documented_paymentiq_example_byte_for_byte() {
         &api.url("/paymentiq/"),
         "[oauth]\nparams_in = \"query\"\nclient_auth = \"basic\"",
     );
-    let running = app::start(&config).await.expect("sidecar starts");
+    let running = support::start_sidecar(&config).await;
     running
         .token
         .wait_usable(0, Duration::from_secs(10))
@@ -340,7 +339,7 @@ async fn query_params_follow_a_query_the_token_url_already_has() {
         &api.url("/"),
         "[oauth]\nparams_in = \"query\"",
     );
-    let running = app::start(&config).await.expect("sidecar starts");
+    let running = support::start_sidecar(&config).await;
     running
         .token
         .wait_usable(0, Duration::from_secs(10))

@@ -116,6 +116,7 @@ async fn get(client: &reqwest::Client, url: String) -> (u16, String) {
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
+engines! {
 #[tokio::test]
 async fn sequential_requests_reuse_one_connection_with_the_upstreams_host() {
     let up = RawUpstream::start(Mode::KeepAlive).await;
@@ -211,4 +212,5 @@ async fn a_response_not_read_to_the_end_does_not_return_its_connection() {
     let (status, body) = get(&client, front.url("/x")).await;
     assert_eq!(status, 200);
     assert_eq!(body, format!("conn=2 host={}", up.addr));
+}
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
-/// The target of the access log lines (`proxy::body::Exchange`'s drop).
+/// The target of the access log lines (`proxy::exchange::Exchange`'s drop).
 pub const ACCESS_TARGET: &str = "token_sidecar::access";
 
 /// Access lines are written once this many bytes wait (about 60 lines)...

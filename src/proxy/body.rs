@@ -7,29 +7,28 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::Authority;
-use http::{HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use super::pool::Checkin;
-use crate::metrics::Metrics;
+use super::error::ClientBodyError;
+use super::exchange::Exchange;
 
-/// An error while streaming a body.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error("body stream failed")]
-    Stream(#[source] hyper::Error),
-    #[error("no data for {0:?} (proxy.body_idle_timeout)")]
-    Idle(Duration),
+/// An error while streaming a body: the same type the fast lane reports a
+/// client's failed upload with, so both are classified alike.
+pub type BodyError = ClientBodyError;
+
+/// What happens when a response body has been read to its end: the pooled
+/// upstream connection it came from goes back to its pool.
+pub trait BodyEnd: Send + 'static {
+    fn ended(self: Box<Self>);
 }
 
 enum Source {
@@ -62,7 +61,7 @@ pub struct ProxyBody {
     exchange: Option<(Arc<Exchange>, Direction)>,
     /// The pooled upstream connection this response body comes from, handed
     /// back when the body ends (dropped with the body otherwise).
-    checkin: Option<Checkin>,
+    checkin: Option<Box<dyn BodyEnd>>,
 }
 
 struct Idle {
@@ -107,9 +106,9 @@ impl ProxyBody {
     }
 
     /// Hands `checkin`'s connection back to the pool once this body has ended.
-    pub fn with_checkin(mut self, checkin: Option<Checkin>) -> Self {
+    pub fn with_checkin(mut self, checkin: Option<Box<dyn BodyEnd>>) -> Self {
         match checkin {
-            Some(c) if self.source_ended() => c.done(),
+            Some(c) if self.source_ended() => c.ended(),
             c => self.checkin = c,
         }
         self
@@ -117,7 +116,7 @@ impl ProxyBody {
 
     fn checkin(&mut self) {
         if let Some(c) = self.checkin.take() {
-            c.done();
+            c.ended();
         }
     }
 
@@ -190,7 +189,7 @@ impl Body for ProxyBody {
             Source::Chunks(c) => Poll::Ready(c.pop_front().map(|b| Ok(Frame::data(b)))),
             Source::Stream(s) => Pin::new(s)
                 .poll_frame(cx)
-                .map(|o| o.map(|r| r.map_err(BodyError::Stream))),
+                .map(|o| o.map(|r| r.map_err(|e| BodyError::Broken(Box::new(e))))),
         };
         let item = match polled {
             Poll::Pending => {
@@ -259,78 +258,5 @@ impl Body for ProxyBody {
             Source::Chunks(c) => SizeHint::with_exact(c.iter().map(|b| b.len() as u64).sum()),
             Source::Stream(s) => s.size_hint(),
         }
-    }
-}
-
-/// One request/response exchange, shared by its two bodies; when the last
-/// of them is dropped the exchange is over: the in-flight gauge goes down and
-/// the access log line is written, with the byte counts of both directions.
-pub struct Exchange {
-    pub start: Instant,
-    pub method: Method,
-    /// The raw path, without the query (never logged: it may carry secrets).
-    pub path: Box<str>,
-    /// HTTP/2's `:authority` or an absolute-form target's, if any.
-    pub authority: Option<Authority>,
-    pub request_id: HeaderValue,
-    pub status: AtomicU16,
-    pub generation: AtomicU64,
-    pub upstream_us: AtomicU64,
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
-    pub replayed: std::sync::atomic::AtomicBool,
-    pub metrics: Arc<Metrics>,
-    pub access_log: bool,
-}
-
-impl Exchange {
-    pub fn new(
-        method: Method,
-        path: Box<str>,
-        authority: Option<Authority>,
-        request_id: HeaderValue,
-        metrics: Arc<Metrics>,
-        access_log: bool,
-    ) -> Self {
-        metrics.inflight().inc();
-        Exchange {
-            start: Instant::now(),
-            method,
-            path,
-            authority,
-            request_id,
-            status: AtomicU16::new(0),
-            generation: AtomicU64::new(0),
-            upstream_us: AtomicU64::new(0),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            replayed: std::sync::atomic::AtomicBool::new(false),
-            metrics,
-            access_log,
-        }
-    }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        self.metrics.inflight().dec();
-        if !self.access_log {
-            return;
-        }
-        // Path only: a query string may carry personal data or secrets.
-        tracing::info!(
-            target: "token_sidecar::access",
-            method = %self.method,
-            path = &*self.path,
-            status = self.status.load(Ordering::Relaxed),
-            total_ms = self.start.elapsed().as_secs_f64() * 1000.0,
-            upstream_ms = self.upstream_us.load(Ordering::Relaxed) as f64 / 1000.0,
-            bytes_in = self.bytes_up.load(Ordering::Relaxed),
-            bytes_out = self.bytes_down.load(Ordering::Relaxed),
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            generation = self.generation.load(Ordering::Relaxed),
-            replayed = self.replayed.load(Ordering::Relaxed),
-            "request"
-        );
     }
 }

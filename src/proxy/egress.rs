@@ -32,7 +32,7 @@ use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::stall::WriteStall;
+use crate::serve::stall::WriteStall;
 
 /// How the upstream is reached.
 #[derive(Debug, Clone)]
@@ -174,6 +174,12 @@ impl Conn {
             proxied,
             stall: WriteStall::new(write_stall),
         }
+    }
+
+    /// The TCP stream itself, for the fast lane (which bounds its writes
+    /// with its own timers).
+    pub fn into_tcp(self) -> TcpStream {
+        self.io.into_inner()
     }
 }
 

@@ -1,60 +1,52 @@
-//! The fast lane: plain HTTP/1.1 exchanges with an upstream that speaks
-//! HTTP/1.1 (plain or over TLS), served without hyper.
+//! The fast lane: the engine for plain HTTP/1.1 exchanges with an upstream
+//! that speaks HTTP/1.1 (plain or over TLS), without hyper.
 //!
 //! Why: with hyper on both sides a proxied request cost about 1.7 times the
 //! CPU nginx spends on it (bench/run.sh): a header map built and hashed per
 //! message on each side, the upstream connection's own task and the channels
 //! between it and the request, large futures moved around. The lane does
-//! what nginx does: it parses a head in place (`httparse`, offsets into the
-//! read buffer), writes the upstream head straight from those bytes with the
-//! token put in, sends it on a pooled connection from the same task, and
-//! passes the response head and body back the same way, each in one write
-//! when it fits.
+//! what nginx does: it parses a head in place ([`h1`], offsets into the read
+//! buffer), writes the upstream head straight from those bytes, sends it on
+//! a pooled connection from the same task, and passes the response head and
+//! body back the same way, each in one write when it fits.
 //!
-//! It takes only what it can do completely (see [`h1::parse_request`]): an
-//! HTTP/1.1 request with no body or a `Content-Length` one, no `Expect`, no
-//! upgrade. Anything else (HTTP/2 prior knowledge, h2c, WebSocket, chunked
-//! uploads, HTTP/1.0, malformed or oversized heads) hands the connection, with
-//! every byte read so far, to hyper ([`Prefixed`]), which serves the rest of
-//! it. An `https` upstream is served over TLS while it answers ALPN with
-//! `http/1.1`; once it picks `h2`, requests go to hyper, whose client pools
-//! HTTP/2. An upstream behind an egress proxy keeps the lane off altogether.
-//! Both paths share the policy: path checks, the token, the 401 replay rule,
-//! error answers, hop-by-hop lists, `Location` rewriting, the access log and
-//! metrics.
+//! What crosses and what is refused is the policy's ([`super::policy`]),
+//! the same functions the hyper engine calls; this module only translates
+//! between byte spans and the policy. It reads every HTTP/1.1 head first and
+//! answers a malformed or oversized one itself, with the JSON error body.
+//! Requests it does not serve ([`super::engine_for`]: HTTP/1.0, `Expect`,
+//! a chunked upload, an upgrade, HTTP/2 with prior knowledge) hand the
+//! connection, with every byte read so far, to hyper ([`Prefixed`]), which
+//! serves the rest of it; so does an upstream connection that picks HTTP/2.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{HeaderValue, Method};
-use rustls_pki_types::ServerName;
+use http::{HeaderValue, Method, Version};
+use hyper_rustls::MaybeHttpsStream;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
-use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::body::Exchange;
-use super::h1::{self, Framing, Parse, RequestHead, ResponseHead, ResponseParse, Span};
+use super::error::{BadResponse, ClientBodyError, ProxyError, UpstreamError};
+use super::exchange::Exchange;
+use super::fields::{ContentLength, RequestFacts, ResponseFacts, Upgrade};
+use super::h1::{self, Fields, Framing, Parse, RequestHead, Span};
 use super::idle::{IdleConn, IdleStack};
-use super::stall::StallGuard;
-use super::{ProxyError, MAX_REPLAYS};
-use crate::config::RetryOn401;
+use super::policy::{FieldSink, Policy, RequestLine};
+use super::upstream::{self, Upstream};
+use crate::metrics::Engine;
+use crate::serve::{ClientIo, StopSignal};
 
-/// The client connection type both paths serve.
-pub type ClientIo = StallGuard<TcpStream>;
-
-/// Largest request head the lane reads before handing over to hyper (which
-/// answers 431 beyond [`crate::app::MAX_HEADER_BYTES`]).
-const MAX_REQUEST_HEAD: usize = crate::app::MAX_HEADER_BYTES;
 /// Read buffers start this large; a head that does not fit grows them.
 const READ_BUF: usize = 4 * 1024;
 /// Bodies larger than what one read brings are copied through a buffer of this size.
@@ -64,14 +56,7 @@ const TRANSFER_BUF: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum LaneError {
     #[error("could not connect to the upstream")]
-    Connect(#[source] io::Error),
-    #[error("connecting to the upstream timed out (proxy.connect_timeout)")]
-    ConnectTimeout,
-    #[error("TLS handshake with the upstream failed")]
-    Tls(#[source] io::Error),
-    /// The upstream chose HTTP/2 by ALPN: the request goes to hyper.
-    #[error("the upstream speaks HTTP/2")]
-    Http2,
+    Connect(#[source] UpstreamError),
     #[error("the upstream connection failed")]
     Io(#[source] io::Error),
     #[error("the upstream closed the connection before answering")]
@@ -79,25 +64,15 @@ pub enum LaneError {
     #[error("no data from the upstream for {0:?} (proxy.body_idle_timeout)")]
     Idle(Duration),
     #[error(transparent)]
-    Response(#[from] h1::BadResponse),
+    Head(#[from] h1::BadHead),
     #[error(transparent)]
     Chunk(#[from] h1::BadChunk),
 }
 
-/// The upstream side of the lane: where to connect, and the idle connections.
+/// The upstream side of the lane: its HTTP/1.1 connections to the upstream.
 pub struct Lane {
-    host: String,
-    port: u16,
-    /// `Host` of every request, as hyper-util's client writes it.
-    host_header: HeaderValue,
-    connect_timeout: Duration,
+    upstream: Arc<Upstream>,
     idle: Arc<IdleStack<UpConn>>,
-    /// For an `https` upstream: the TLS client (ALPN `h2`, `http/1.1`) and
-    /// the name the certificate must have.
-    tls: Option<(TlsConnector, ServerName<'static>)>,
-    /// Set when the upstream chose HTTP/2 by ALPN: hyper pools those
-    /// connections, so new connections stop coming to the lane.
-    off: AtomicBool,
 }
 
 /// A connection to the upstream and what was read from it but not yet used.
@@ -116,10 +91,10 @@ impl UpConn {
     }
 }
 
-/// An upstream connection: plain TCP, or TLS over it.
+/// An upstream connection: plain TCP, or TLS over the connector's stream.
 enum UpIo {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    Tls(Box<TokioIo<upstream::Io>>),
 }
 
 impl AsyncRead for UpIo {
@@ -130,7 +105,7 @@ impl AsyncRead for UpIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            UpIo::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -143,21 +118,21 @@ impl AsyncWrite for UpIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            UpIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpIo::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpIo::Tls(s) => Pin::new(s).poll_flush(cx),
+            UpIo::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            UpIo::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }
@@ -168,101 +143,51 @@ impl IdleConn for UpConn {
     }
 }
 
+/// Why no upstream connection was had.
+enum Checkout {
+    /// The upstream speaks HTTP/2: the exchange is hyper's.
+    Http2,
+    Failed(UpstreamError),
+}
+
 impl Lane {
-    /// `None` when the lane cannot serve this upstream (reached through an
-    /// egress proxy): hyper does everything then. An `https` upstream is
-    /// served over TLS (`tls`: the proxy's client policy) until it turns
-    /// out to speak HTTP/2.
-    pub fn new(
-        upstream: &url::Url,
-        host_header: HeaderValue,
-        direct: bool,
-        tls: &rustls::ClientConfig,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-    ) -> Option<Arc<Lane>> {
-        if !direct {
-            return None;
-        }
-        let host = upstream
-            .host_str()?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let tls = match upstream.scheme() {
-            "http" => None,
-            "https" => {
-                let mut cfg = tls.clone();
-                cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-                let name = ServerName::try_from(host.clone()).ok()?;
-                Some((TlsConnector::from(Arc::new(cfg)), name))
-            }
-            _ => return None,
-        };
-        Some(Arc::new(Lane {
-            port: upstream.port_or_known_default()?,
-            host,
-            host_header,
-            connect_timeout,
+    pub fn new(upstream: Arc<Upstream>, idle_timeout: Duration) -> Self {
+        Lane {
+            upstream,
             idle: IdleStack::new(idle_timeout),
-            tls,
-            off: AtomicBool::new(false),
-        }))
+        }
     }
 
-    /// Whether the upstream turned out to speak HTTP/2 (hyper's then).
-    fn is_off(&self) -> bool {
-        self.off.load(Ordering::Relaxed)
+    /// Whether a new exchange can start on the lane (no HTTP/2 connection
+    /// to the upstream is alive, or an HTTP/1.1 one is idle).
+    fn takes_new(&self) -> bool {
+        !self.upstream.speaks_h2()
     }
 
     /// The most recently used idle connection still open, or a new one.
-    async fn checkout(self: &Arc<Self>) -> Result<UpConn, LaneError> {
+    async fn checkout(&self) -> Result<UpConn, Checkout> {
         if let Some(conn) = self.idle.pop() {
             return Ok(conn);
         }
-        if self.is_off() {
-            return Err(LaneError::Http2); // no new connection: HTTP/2 is hyper's
+        if self.upstream.speaks_h2() {
+            return Err(Checkout::Http2);
         }
-        let io = timeout(
-            self.connect_timeout,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| LaneError::ConnectTimeout)?
-        .map_err(LaneError::Connect)?;
-        let _ = io.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-        let _ = socket2::SockRef::from(&io).set_tcp_keepalive(&keepalive);
-        let io = match &self.tls {
-            None => UpIo::Plain(io),
-            Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), io)
-                    .await
-                    // A reset during the handshake is not a TLS failure.
-                    .map_err(|e| {
-                        if crate::tls::is_tls_error(&e) {
-                            LaneError::Tls(e)
-                        } else {
-                            LaneError::Connect(e)
-                        }
-                    })?;
-                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    // Not ours: hyper's client pools HTTP/2 connections.
-                    self.off.store(true, Ordering::Relaxed);
-                    return Err(LaneError::Http2);
-                }
-                UpIo::Tls(Box::new(tls))
-            }
+        let io = match self.upstream.connect().await {
+            Ok(Some(io)) => io,
+            Ok(None) => return Err(Checkout::Http2),
+            Err(e) => return Err(Checkout::Failed(e)),
         };
-        let conn = UpConn {
+        let io = match io {
+            MaybeHttpsStream::Http(conn) => UpIo::Plain(conn.into_tcp()),
+            tls @ MaybeHttpsStream::Https(_) => UpIo::Tls(Box::new(TokioIo::new(tls))),
+        };
+        Ok(UpConn {
             io,
             buf: BytesMut::with_capacity(READ_BUF),
-        };
-        Ok(conn)
+        })
     }
 
-    fn checkin(self: &Arc<Self>, mut conn: UpConn) {
+    fn checkin(&self, mut conn: UpConn) {
         if !conn.buf.is_empty() {
             return; // bytes nobody asked for: the connection is out of step
         }
@@ -289,13 +214,13 @@ fn still_open(io: &mut UpIo) -> bool {
 /// per connection: the task's waker stays the same for its life, so the
 /// registered future need not be polled again (each poll takes a lock).
 struct Stop {
-    rx: watch::Receiver<Option<Duration>>,
+    rx: StopSignal,
     changed: Pin<Box<dyn Future<Output = ()> + Send>>,
     registered: bool,
 }
 
 impl Stop {
-    fn new(rx: watch::Receiver<Option<Duration>>) -> Self {
+    fn new(rx: StopSignal) -> Self {
         let mut waiter = rx.clone();
         Stop {
             rx,
@@ -372,16 +297,49 @@ impl Deadline {
     }
 }
 
+/// The policy's fields written as HTTP/1.1 field lines.
+struct Lines<'a>(&'a mut Vec<u8>);
+
+impl FieldSink for Lines<'_> {
+    fn field(&mut self, name: &'static str, parts: &[&[u8]]) {
+        self.0.extend_from_slice(b"\r\n");
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.extend_from_slice(b": ");
+        for p in parts {
+            self.0.extend_from_slice(p);
+        }
+    }
+}
+
+/// What the lane keeps of a request between its phases.
+#[derive(Default)]
+struct Request {
+    /// Body bytes announced by `Content-Length`.
+    length: u64,
+    head_request: bool,
+    /// The client sent `Connection: close`.
+    close: bool,
+    /// The client sent `TE: trailers`.
+    trailers: bool,
+    /// The client's `Host`, for redirects into the upstream.
+    host: Option<Span>,
+}
+
 /// One client connection served by the lane.
 struct Conn<'p> {
-    proxy: &'p super::Proxy,
-    lane: &'p Arc<Lane>,
+    policy: &'p Policy,
+    lane: &'p Lane,
     io: ClientIo,
     peer: SocketAddr,
     buf: BytesMut,
     head: RequestHead,
+    req: Request,
+    /// The upstream request head but its `Authorization` ([`Conn::template`]
+    /// bytes), then whatever is being written.
     out: Vec<u8>,
-    fields: Vec<(Span, Span)>,
+    template: usize,
+    /// The fields of the upstream response head under way.
+    up_fields: Fields,
     /// Shutdown: once it has begun, each answer says `Connection: close`.
     stop: Stop,
     /// `proxy.request_timeout` of the exchange under way (out while it runs).
@@ -392,7 +350,7 @@ struct Conn<'p> {
 enum Next {
     KeepAlive,
     Close,
-    /// The upstream speaks HTTP/2: hyper serves this request and the rest.
+    /// hyper serves this request and the rest of the connection.
     ToHyper,
 }
 
@@ -407,46 +365,62 @@ enum Failed {
     ToHyper,
 }
 
+/// An upstream answer the lane has read the head of.
+struct Answer {
+    head: h1::ResponseHead,
+    invalid_token: bool,
+    framing: Framing,
+    /// The upstream keeps the connection open after this response.
+    reusable: bool,
+}
+
 /// Serves `io` until the client leaves, goes idle for
 /// `proxy.client_idle_timeout`, or shutdown begins; returns the connection
 /// when a request turns out not to be for the lane, for hyper to serve.
 pub async fn serve(
     proxy: &super::Proxy,
-    lane: &Arc<Lane>,
+    lane: &Lane,
     io: ClientIo,
     peer: SocketAddr,
-    stop: watch::Receiver<Option<Duration>>,
+    stop: StopSignal,
 ) -> Option<Prefixed<ClientIo>> {
-    if lane.is_off() {
+    let policy = &proxy.policy;
+    if !lane.takes_new() {
         return Some(Prefixed::new(Bytes::new(), io));
     }
     let now = Instant::now();
     let mut c = Conn {
-        proxy,
+        policy,
         lane,
         io,
         peer,
         buf: BytesMut::with_capacity(READ_BUF),
         head: RequestHead::default(),
+        req: Request::default(),
         out: Vec::with_capacity(2 * 1024),
-        fields: Vec::new(),
+        template: 0,
+        up_fields: Vec::new(),
         stop: Stop::new(stop),
-        request_deadline: Some(Deadline::new(now + proxy.cfg.request_timeout)),
+        request_deadline: Some(Deadline::new(now + policy.cfg.request_timeout)),
     };
-    let mut idle = Deadline::new(now + proxy.cfg.client_idle_timeout);
+    let mut idle = Deadline::new(now + policy.cfg.client_idle_timeout);
     loop {
         // The whole head must come within the idle timeout of the last
         // response (hyper's `header_read_timeout`): a byte now and then
         // does not keep a connection.
-        idle.set(Instant::now() + proxy.cfg.client_idle_timeout);
+        idle.set(Instant::now() + policy.cfg.client_idle_timeout);
         // A complete head, or the reason there is none.
         loop {
-            match h1::parse_request(&c.buf, &mut c.head, proxy.cfg.forwarded_headers) {
+            let refused = match h1::parse_request(&c.buf, &mut c.head) {
                 Parse::Ready => break,
-                Parse::Partial if c.buf.len() < MAX_REQUEST_HEAD => {}
-                Parse::Partial | Parse::Fallback => {
-                    return Some(Prefixed::new(c.buf.freeze(), c.io));
-                }
+                Parse::Http2 => return Some(c.hand_over()),
+                Parse::Partial if c.buf.len() < super::MAX_HEADER_BYTES => None,
+                Parse::Partial | Parse::TooManyFields => Some(ProxyError::HeaderTooLarge),
+                Parse::Malformed => Some(ProxyError::BadRequest("malformed request head")),
+            };
+            if let Some(e) = refused {
+                c.refuse(&e).await;
+                return None;
             }
             if c.buf.capacity() - c.buf.len() < 512 {
                 c.buf.reserve(READ_BUF);
@@ -463,60 +437,109 @@ pub async fn serve(
                 _ => return None, // closed or failed
             }
         }
-        // Things the lane leaves to hyper, found before anything was sent.
-        let method = match Method::from_bytes(c.head.method.get(&c.buf)) {
-            Ok(m) if std::str::from_utf8(c.head.path.get(&c.buf)).is_ok() => m,
-            _ => return Some(Prefixed::new(c.buf.freeze(), c.io)),
-        };
-        let next = c.exchange(method).await;
-        if matches!(next, Next::ToHyper) {
-            return Some(Prefixed::new(c.buf.freeze(), c.io));
-        }
-        if matches!(next, Next::Close) || c.stop.fired() {
-            let _ = c.io.shutdown().await;
-            return None;
+        match c.exchange().await {
+            Next::KeepAlive if !c.stop.fired() => {}
+            Next::ToHyper => return Some(c.hand_over()),
+            Next::KeepAlive | Next::Close => {
+                let _ = c.io.shutdown().await;
+                return None;
+            }
         }
     }
 }
 
 impl Conn<'_> {
+    /// The connection for hyper, with every byte read so far.
+    fn hand_over(self) -> Prefixed<ClientIo> {
+        Prefixed::new(self.buf.freeze(), self.io)
+    }
+
     /// One request and its response. The request head and whatever body
     /// bytes came with it stay in `self.buf` until the end, for a replay.
-    async fn exchange(&mut self, method: Method) -> Next {
-        let proxy = self.proxy;
-        let request_id = self
-            .head
-            .request_id
-            .map(|s| s.get(&self.buf))
-            .filter(|v| !v.is_empty() && v.len() <= 200)
-            .and_then(|v| HeaderValue::from_bytes(v).ok())
-            .unwrap_or_else(super::new_request_id);
-        let path = std::str::from_utf8(self.head.path.get(&self.buf)).unwrap_or("/");
-        let mut ex = Exchange::new(
-            method.clone(),
-            path.into(),
-            None,
-            request_id,
-            proxy.metrics.clone(),
-            proxy.cfg.access_log,
+    async fn exchange(&mut self) -> Next {
+        let policy = self.policy;
+        let buf = &self.buf[..];
+        let head = &self.head;
+        let facts = RequestFacts::of(h1::slices(buf, &head.fields));
+        // The one place that picks the engine for each request.
+        if super::engine_for(head.minor, head.form, &facts) == Engine::Hyper
+            || !self.lane.takes_new()
+        {
+            return Next::ToHyper;
+        }
+        let method_bytes = head.method.get(buf);
+        let method = Method::from_bytes(method_bytes).unwrap_or(Method::GET);
+        let path = head.path.get(buf);
+        let ex = Exchange::new(
+            method,
+            path,
+            policy.request_id(&facts),
+            policy.metrics.clone(),
+            policy.cfg.access_log,
         );
-        let head_request = method == Method::HEAD;
-        let in_buf = (self.buf.len() - self.head.len).min(self.head.content_length as usize);
-        let consumed = self.head.len + in_buf;
-        let close = self.head.close;
-        let next = match self.forward(&ex).await {
+        let length = match facts.content_length {
+            ContentLength::Valid(n) => n,
+            _ => 0,
+        };
+        self.req = Request {
+            length,
+            head_request: method_bytes == b"HEAD",
+            close: facts.connection.close,
+            trailers: facts.trailers,
+            host: facts.host.map(|h| Span::of(buf, h)),
+        };
+        let in_buf = (buf.len() - head.len).min(usize::try_from(length).unwrap_or(usize::MAX));
+        let consumed = head.len + in_buf;
+        let body_left = (in_buf as u64) < length;
+        let line = RequestLine {
+            version: Version::HTTP_11,
+            method: method_bytes,
+            path,
+            authority: None,
+        };
+        let admitted = policy.admit(&line, &facts);
+        if admitted.is_ok() {
+            // The upstream head, but for the token: written once, sent with
+            // each attempt.
+            let out = &mut self.out;
+            out.clear();
+            out.extend_from_slice(method_bytes);
+            out.push(b' ');
+            policy.write_target(out, path, head.query.map(|q| q.get(buf)));
+            out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+            out.extend_from_slice(self.lane.upstream.host_header.as_bytes());
+            for (name, value) in h1::slices(buf, &head.fields) {
+                if policy.forwards_request_field(name, &facts) {
+                    h1::field(out, name, value);
+                }
+            }
+            policy.write_request_fields(&mut Lines(out), &facts, &ex.request_id, self.peer, None);
+            self.template = out.len();
+        }
+        drop(facts);
+        let next = match admitted {
+            Err(e) => Err((Failed::Answer(e), body_left)),
+            Ok(()) => self.forward(&ex, body_left).await,
+        };
+        // Counted once it is clear the lane served it (not when the
+        // upstream turned out to speak HTTP/2 and hyper took it over).
+        if !matches!(next, Err((Failed::ToHyper, _))) {
+            policy.metrics.engine_request(Engine::FastLane);
+        }
+        let next = match next {
             Ok(next) => next,
             // The client went away while waiting: nobody to answer (the
-            // access log line says status 0, as on the hyper path).
+            // access log line says status 0, as on the hyper engine).
             Err((Failed::Gone, _)) => Next::Close,
             // Nothing was sent or read past the head: hyper takes the
-            // connection from this request on (and logs it).
+            // connection from this request on (and counts and logs it).
             Err((Failed::ToHyper, _)) => {
+                let mut ex = ex;
                 ex.access_log = false;
                 return Next::ToHyper;
             }
             Err((Failed::Answer(e), body_left)) => {
-                let next = self.answer(&e, &ex, head_request, body_left).await;
+                let next = self.answer(&e, &ex, body_left).await;
                 if body_left {
                     Next::Close // the rest of the request body is still on the way
                 } else {
@@ -528,76 +551,53 @@ impl Conn<'_> {
         if self.out.capacity() > TRANSFER_BUF {
             self.out = Vec::with_capacity(2 * 1024); // a replayed body was in it
         }
-        if close {
+        if self.req.close {
             Next::Close
         } else {
             next
         }
     }
 
-    /// Checks, token, upstream exchange (with replays), response to the
-    /// client. An error comes back before anything was written to the
-    /// client, with whether request body bytes are left unread.
-    async fn forward(&mut self, ex: &Exchange) -> Result<Next, (Failed, bool)> {
-        let proxy = self.proxy;
-        let body_left = (self.head.content_length as usize) > self.buf.len() - self.head.len;
-        let path = std::str::from_utf8(self.head.path.get(&self.buf)).unwrap_or("/");
-        proxy
-            .check_path(path)
-            .map_err(|e| (Failed::Answer(e), body_left))?;
-        let (generation, bearer) = proxy
+    /// Token, upstream exchange (with replays), response to the client. An
+    /// error comes back before anything was written to the client, with
+    /// whether request body bytes are left unread.
+    async fn forward(&mut self, ex: &Exchange, body_left: bool) -> Result<Next, (Failed, bool)> {
+        let policy = self.policy;
+        let (generation, bearer) = policy
             .bearer()
             .await
             .map_err(|e| (Failed::Answer(e), body_left))?;
         ex.generation.store(generation, Ordering::Relaxed);
 
-        let replay = proxy.cfg.retry_on_401 != RetryOn401::Off;
-        let mut copy = (replay && self.head.content_length as usize <= proxy.cfg.retry_body_limit)
-            .then(Vec::new);
-        let (mut up, mut resp, sent_all) = self
+        let mut copy = policy.keeps_body(Some(self.req.length)).then(Vec::new);
+        let (mut up, mut answer, sent_all) = self
             .send(ex, &bearer, Body::Client(&mut copy))
             .await
             .map_err(|e| (e, body_left))?;
-
-        let (mut rejected, mut replays) = (generation, 0);
-        while resp.status == 401 && proxy.rejects_token(resp.invalid_token) {
-            // Whatever happens to this request, that token is no good.
-            proxy.token.invalidate(rejected);
-            if replays == MAX_REPLAYS {
-                break;
-            }
-            // The copy is there only if the body was within the limit and all sent.
-            let Some(copy) = copy.as_ref().filter(|_| sent_all) else {
-                break;
-            };
-            let Ok((newer, bearer)) = proxy
-                .token
-                .wait_usable(rejected, proxy.cfg.token_wait)
-                .await
-            else {
-                break; // no newer token in time: pass the 401 back
-            };
+        let mut replay = policy.replay(generation, Engine::FastLane);
+        // The copy is there only if the body was within the limit and all sent.
+        let replayable = copy.is_some() && sent_all;
+        while let Some(bearer) = replay
+            .again(answer.head.status, answer.invalid_token, replayable, ex)
+            .await
+        {
             drop(up); // its 401 body is not wanted: the connection goes
-            ex.generation.store(newer, Ordering::Relaxed);
-            ex.replayed.store(true, Ordering::Relaxed);
-            proxy.metrics.replayed_after_401();
-            (up, resp, _) =
+            let copy = copy.as_deref().unwrap_or_default();
+            (up, answer, _) =
                 self.send(ex, &bearer, Body::Copy(copy))
                     .await
                     .map_err(|e| match e {
                         // Too late to hand over: the first answer was read.
                         Failed::ToHyper => (
-                            Failed::Answer(ProxyError::UpstreamUnavailable(Box::new(
-                                LaneError::Http2,
-                            ))),
+                            Failed::Answer(ProxyError::UpstreamUnavailable(
+                                "the upstream switched to HTTP/2 before a replay".into(),
+                            )),
                             false,
                         ),
                         e => (e, false),
                     })?;
-            rejected = newer;
-            replays += 1;
         }
-        Ok(self.respond(up, resp, ex, !sent_all).await)
+        Ok(self.respond(up, answer, ex, !sent_all).await)
     }
 
     /// Sends the request upstream (head, then body) and reads the response
@@ -609,38 +609,30 @@ impl Conn<'_> {
         ex: &Exchange,
         bearer: &HeaderValue,
         mut body: Body<'_>,
-    ) -> Result<(UpConn, ResponseHead, bool), Failed> {
-        let proxy = self.proxy;
+    ) -> Result<(UpConn, Answer, bool), Failed> {
+        let policy = self.policy;
         let started = Instant::now();
-        let until = started + proxy.cfg.request_timeout;
+        let until = started + policy.cfg.request_timeout;
         let mut deadline = self
             .request_deadline
             .take()
             .unwrap_or_else(|| Deadline::new(until));
         deadline.set(until);
         let sending = async {
-            let mut up = self.lane.checkout().await?;
-            self.out.clear();
-            h1::write_request_head(
-                &mut self.out,
-                &self.buf,
-                &self.head,
-                &h1::Upstream {
-                    base_path: &proxy.base_path,
-                    host: self.lane.host_header.as_bytes(),
-                    bearer: bearer.as_bytes(),
-                    request_id: ex.request_id.as_bytes(),
-                    forwarded: proxy.cfg.forwarded_headers.then(|| self.peer.ip()),
-                },
-            );
-            let length = self.head.content_length as usize;
+            let mut up = match self.lane.checkout().await {
+                Ok(up) => up,
+                Err(Checkout::Http2) => return Err(SendError::ToHyper),
+                Err(Checkout::Failed(e)) => return Err(LaneError::Connect(e).into()),
+            };
+            self.out.truncate(self.template);
+            policy.write_bearer(&mut Lines(&mut self.out), bearer);
+            self.out.extend_from_slice(b"\r\n\r\n");
+            let length = self.req.length as usize;
             let in_buf = (self.buf.len() - self.head.len).min(length);
             let sent_all = match &mut body {
                 Body::Copy(copy) => {
                     self.out.extend_from_slice(copy);
-                    up.io.write_all(&self.out).await.map_err(LaneError::Io)?;
-                    // TLS may keep records back until flushed; TCP: a no-op.
-                    up.io.flush().await.map_err(LaneError::Io)?;
+                    write_up(&mut up.io, &self.out, policy.cfg.body_idle_timeout).await?;
                     true
                 }
                 Body::Client(copy) => {
@@ -649,16 +641,14 @@ impl Conn<'_> {
                     if let Some(c) = copy.as_mut() {
                         c.extend_from_slice(first);
                     }
-                    up.io.write_all(&self.out).await.map_err(LaneError::Io)?;
-                    // TLS may keep records back until flushed; TCP: a no-op.
-                    up.io.flush().await.map_err(LaneError::Io)?;
+                    write_up(&mut up.io, &self.out, policy.cfg.body_idle_timeout).await?;
                     ex.bytes_up.fetch_add(in_buf as u64, Ordering::Relaxed);
                     let rest = (length - in_buf) as u64;
                     rest == 0 || self.stream_body(&mut up, rest, copy, ex).await?
                 }
             };
-            let resp = self.response_head(&mut up).await?;
-            Ok::<_, SendError>((up, resp, sent_all))
+            let answer = self.response_head(&mut up).await?;
+            Ok::<_, SendError>((up, answer, sent_all))
         };
         let result = deadline.run(sending).await;
         self.request_deadline = Some(deadline);
@@ -666,25 +656,18 @@ impl Conn<'_> {
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
             None => Err(Failed::Answer(ProxyError::UpstreamTimeout)),
-            Some(Err(SendError::Upstream(LaneError::Http2))) => Err(Failed::ToHyper),
-            Some(Err(SendError::Upstream(e @ LaneError::Tls(_)))) => {
-                Err(Failed::Answer(ProxyError::UpstreamTls(Box::new(e))))
+            Some(Ok(sent)) => Ok(sent),
+            Some(Err(SendError::ToHyper)) => Err(Failed::ToHyper),
+            Some(Err(SendError::ClientGone)) => Err(Failed::Gone),
+            Some(Err(SendError::BadResponse(e))) => {
+                Err(Failed::Answer(ProxyError::BadUpstreamResponse(e)))
             }
-            // A fatal alert or a bad record after the handshake, as hyper's path says it.
-            Some(Err(SendError::Upstream(LaneError::Io(e)))) if crate::tls::is_tls_error(&e) => {
-                Err(Failed::Answer(ProxyError::UpstreamTls(Box::new(
-                    LaneError::Io(e),
-                ))))
+            Some(Err(SendError::ClientBody(e))) => {
+                Err(Failed::Answer(ProxyError::from_upstream(Box::new(e))))
             }
             Some(Err(SendError::Upstream(e))) => {
-                Err(Failed::Answer(ProxyError::UpstreamUnavailable(Box::new(e))))
+                Err(Failed::Answer(ProxyError::from_upstream(Box::new(e))))
             }
-            Some(Err(SendError::ClientIdle)) => Err(Failed::Answer(ProxyError::ClientBodyTimeout)),
-            Some(Err(SendError::ClientBody(e))) => {
-                Err(Failed::Answer(ProxyError::ClientBody(Box::new(e))))
-            }
-            Some(Err(SendError::ClientGone)) => Err(Failed::Gone),
-            Some(Ok(sent)) => Ok(sent),
         }
     }
 
@@ -698,17 +681,19 @@ impl Conn<'_> {
         copy: &mut Option<Vec<u8>>,
         ex: &Exchange,
     ) -> Result<bool, SendError> {
-        let idle = self.proxy.cfg.body_idle_timeout;
+        let idle = self.policy.cfg.body_idle_timeout;
         let mut chunk = vec![0u8; TRANSFER_BUF.min(rest as usize)];
         while rest > 0 {
             let want = chunk.len().min(rest as usize);
             let n = tokio::select! {
                 r = timeout(idle, self.io.read(&mut chunk[..want])) => match r {
-                    Err(_) => return Err(SendError::ClientIdle),
-                    Ok(Err(e)) => return Err(SendError::ClientBody(e)),
+                    Err(_) => return Err(SendError::ClientBody(ClientBodyError::Idle(idle))),
+                    Ok(Err(e)) => return Err(SendError::ClientBody(ClientBodyError::Broken(Box::new(e)))),
                     // Cut short: answered 400 (if anyone listens), as hyper does.
                     Ok(Ok(0)) => {
-                        return Err(SendError::ClientBody(io::ErrorKind::UnexpectedEof.into()))
+                        return Err(SendError::ClientBody(ClientBodyError::Broken(
+                            Box::new(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                        )))
                     }
                     Ok(Ok(n)) => n,
                 },
@@ -717,19 +702,8 @@ impl Conn<'_> {
                 r = up.read_more() => {
                     match r {
                         Ok(0) => return Err(LaneError::Closed.into()),
-                        Ok(_) => {
-                            // An interim answer (a 100 Continue sent unasked)
-                            // asks for the rest of the body: skip it, send on.
-                            while let Ok(ResponseParse::Interim(len)) =
-                                h1::parse_response(&up.buf, false, &mut self.fields)
-                            {
-                                up.buf.advance(len);
-                            }
-                            if up.buf.is_empty() {
-                                continue;
-                            }
-                            return Ok(false);
-                        }
+                        Ok(_) if self.answer_started(up)? => return Ok(false),
+                        Ok(_) => continue,
                         Err(e) => return Err(LaneError::Io(e).into()),
                     }
                 }
@@ -744,31 +718,81 @@ impl Conn<'_> {
         Ok(true)
     }
 
+    /// Whether what the upstream sent while the request body was still
+    /// going out is the start of its final answer. Interim answers (a
+    /// `100 Continue` sent unasked) ask for the rest of the body: they are
+    /// skipped, even when one arrives in pieces.
+    fn answer_started(&mut self, up: &mut UpConn) -> Result<bool, SendError> {
+        loop {
+            match h1::parse_response(&up.buf, &mut self.up_fields) {
+                Ok(Some(head)) if is_interim(head.status) => up.buf.advance(head.len),
+                Ok(Some(_)) => return Ok(true),
+                // Not a whole head yet: go on sending.
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(LaneError::Head(e).into()),
+            }
+        }
+    }
+
     /// Reads the upstream's response head (skipping 1xx interim answers),
     /// watching the client: if it goes away, so does this exchange.
-    async fn response_head(&mut self, up: &mut UpConn) -> Result<ResponseHead, SendError> {
-        let head_request = self.head.method.get(&self.buf) == b"HEAD";
+    async fn response_head(&mut self, up: &mut UpConn) -> Result<Answer, SendError> {
         let mut gone = std::pin::pin!(client_gone(self.io.get_ref()));
         loop {
-            match h1::parse_response(&up.buf, head_request, &mut self.fields)? {
-                ResponseParse::Final(head) => return Ok(head),
-                ResponseParse::Interim(len) => {
-                    up.buf.advance(len);
+            let head = match h1::parse_response(&up.buf, &mut self.up_fields) {
+                Ok(Some(head)) if is_interim(head.status) => {
+                    up.buf.advance(head.len);
                     continue;
                 }
-                ResponseParse::Partial => {}
-            }
-            if up.buf.capacity() - up.buf.len() < 512 {
-                up.buf.reserve(READ_BUF);
-            }
-            let n = tokio::select! {
-                biased;
-                r = up.io.read_buf(&mut up.buf) => r.map_err(LaneError::Io)?,
-                () = &mut gone => return Err(SendError::ClientGone),
+                Ok(Some(head)) => head,
+                Ok(None) => {
+                    let n = tokio::select! {
+                        biased;
+                        r = up.read_more() => r.map_err(LaneError::Io)?,
+                        () = &mut gone => return Err(SendError::ClientGone),
+                    };
+                    if n == 0 {
+                        return Err(LaneError::Closed.into());
+                    }
+                    continue;
+                }
+                Err(h1::BadHead::TooLarge) => {
+                    return Err(SendError::BadResponse(BadResponse::TooLarge))
+                }
+                Err(h1::BadHead::Malformed(_)) => {
+                    return Err(SendError::BadResponse(BadResponse::Malformed))
+                }
             };
-            if n == 0 {
-                return Err(LaneError::Closed.into());
-            }
+            let facts = ResponseFacts::of(h1::slices(&up.buf, &self.up_fields));
+            self.policy
+                .check_response(head.status, &facts, Upgrade::None)
+                .map_err(SendError::BadResponse)?;
+            let length = match facts.content_length {
+                ContentLength::Valid(n) => Some(n),
+                _ => None,
+            };
+            let framing = Framing::of_response(
+                head.status,
+                self.req.head_request,
+                length,
+                facts.transfer_coding,
+            );
+            let keeps_open = if head.minor == 1 {
+                !facts.connection.close
+            } else {
+                facts.connection.keep_alive
+            };
+            // A body that ends with the connection, or framing the client
+            // cannot check (a transfer coding beside a length, or on a
+            // bodiless answer): the connection may be out of step.
+            let doubtful = facts.transfer_coding != Default::default()
+                && (length.is_some() || framing == Framing::Empty);
+            return Ok(Answer {
+                invalid_token: facts.invalid_token,
+                reusable: keeps_open && framing != Framing::UntilClose && !doubtful,
+                framing,
+                head,
+            });
         }
     }
 
@@ -776,70 +800,60 @@ impl Conn<'_> {
     async fn respond(
         &mut self,
         mut up: UpConn,
-        resp: ResponseHead,
+        answer: Answer,
         ex: &Exchange,
         body_left: bool,
     ) -> Next {
-        let proxy = self.proxy;
-        proxy.metrics.upstream_status(resp.status);
-        ex.status.store(resp.status, Ordering::Relaxed);
+        let policy = self.policy;
+        let status = answer.head.status;
+        policy.pass_response(status, ex);
         let close = body_left
-            || resp.framing == Framing::UntilClose
-            || self.head.close
+            || answer.framing == Framing::UntilClose
+            || self.req.close
             || self.stop.fired();
-        self.out.clear();
-        self.out.extend_from_slice(b"HTTP/1.1 ");
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(resp.status).as_bytes());
-        self.out.push(b' ');
-        self.out.extend_from_slice(resp.reason.get(&up.buf));
-        let public = resp.has_location.then(|| self.public_base());
-        for (name, value) in &self.fields {
-            let (name, value) = (name.get(&up.buf), value.get(&up.buf));
-            let rewritten = public.as_deref().and_then(|public| {
-                let location = name.eq_ignore_ascii_case(b"location")
-                    || name.eq_ignore_ascii_case(b"content-location");
-                location
-                    .then(|| std::str::from_utf8(value).ok())
-                    .flatten()
-                    .and_then(|v| {
-                        super::headers::rewrite_location(
-                            v,
-                            &proxy.base_url,
-                            &proxy.base_path,
-                            public,
-                        )
-                    })
-            });
-            h1::field(
-                &mut self.out,
-                name,
-                rewritten.as_deref().map_or(value, str::as_bytes),
-            );
-        }
-        if resp.framing == Framing::Chunked {
-            h1::field(&mut self.out, b"transfer-encoding", b"chunked");
-        }
-        h1::field(&mut self.out, b"x-request-id", ex.request_id.as_bytes());
-        if !resp.has_date {
-            h1::field(
-                &mut self.out,
-                b"date",
-                httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes(),
-            );
-        }
-        if close {
-            h1::field(&mut self.out, b"connection", b"close");
-        }
-        self.out.extend_from_slice(b"\r\n\r\n");
-        up.buf.advance(resp.len);
-        proxy.metrics.request_done(ex.start.elapsed());
+        let keep_trailer = {
+            let facts = ResponseFacts::of(h1::slices(&up.buf, &self.up_fields));
+            let out = &mut self.out;
+            out.clear();
+            out.extend_from_slice(b"HTTP/1.1 ");
+            out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(answer.head.reason.get(&up.buf));
+            let public = facts
+                .has_location
+                .then(|| policy.public_base(self.req.host.map(|h| h.get(&self.buf))));
+            for (name, value) in h1::slices(&up.buf, &self.up_fields) {
+                if !policy.forwards_response_field(name, &facts, false) {
+                    continue;
+                }
+                let rewritten = match &public {
+                    Some(public) if Policy::is_location(name) => {
+                        policy.rewrite_location(value, public)
+                    }
+                    _ => None,
+                };
+                h1::field(out, name, rewritten.as_deref().unwrap_or(value));
+            }
+            if answer.framing == Framing::Chunked {
+                h1::field(out, b"transfer-encoding", b"chunked");
+            }
+            policy.write_response_fields(&mut Lines(out), ex, facts.has_date, false);
+            if close {
+                h1::field(out, b"connection", b"close");
+            }
+            out.extend_from_slice(b"\r\n\r\n");
+            policy.trailer_rule(&facts, self.req.trailers)
+        };
+        up.buf.advance(answer.head.len);
 
-        match self.pass_body(&mut up, resp.framing, ex).await {
+        match self
+            .pass_body(&mut up, answer.framing, ex, &keep_trailer)
+            .await
+        {
             // An upstream that answered before the whole request body
             // still waits for the rest of it, which is not coming: the
             // next request would be read as that body.
-            Ok(true) if resp.reusable && !body_left => self.lane.checkin(up),
+            Ok(true) if answer.reusable && !body_left => self.lane.checkin(up),
             Ok(_) => {}
             Err(e) => {
                 debug!(error = %e, request_id = ex.request_id.to_str().unwrap_or("-"), "response body broke off");
@@ -861,49 +875,51 @@ impl Conn<'_> {
         up: &mut UpConn,
         framing: Framing,
         ex: &Exchange,
+        keep_trailer: &super::policy::TrailerRule,
     ) -> Result<bool, BodyFault> {
-        let idle = self.proxy.cfg.body_idle_timeout;
+        let idle = self.policy.cfg.body_idle_timeout;
         let mut left = match framing {
             Framing::Empty => 0,
             Framing::Length(n) => n,
             Framing::Chunked | Framing::UntilClose => u64::MAX,
         };
-        let mut chunked = (framing == Framing::Chunked).then(h1::ChunkedEnd::default);
+        let mut chunked = (framing == Framing::Chunked).then(h1::Chunked::default);
+        let keep = |name: &[u8]| keep_trailer.keeps(name);
         // Large bodies go through a larger buffer than the connection's.
         let mut big: Option<Vec<u8>> = None;
         let mut head_written = false;
         loop {
             let avail: &[u8] = big.as_deref().unwrap_or(&up.buf);
-            let mut take = avail.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-            let payload_before = chunked.as_ref().map_or(0, h1::ChunkedEnd::payload);
-            let done = match chunked.as_mut() {
-                Some(end) => {
-                    let (used, ended) = end.feed(&avail[..take])?;
-                    take = used;
-                    ended
+            if head_written {
+                self.out.clear();
+            }
+            let (take, done, counted) = match chunked.as_mut() {
+                Some(dec) => {
+                    let before = dec.payload();
+                    let (used, ended) = dec.feed(avail, &mut self.out, &keep)?;
+                    // Body bytes, as the hyper engine counts them: not the framing.
+                    (used, ended, dec.payload() - before)
                 }
-                None if framing == Framing::UntilClose => false,
                 None => {
-                    left -= take as u64;
-                    left == 0
+                    let take = avail.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.out.extend_from_slice(&avail[..take]);
+                    if framing != Framing::UntilClose {
+                        left -= take as u64;
+                    }
+                    (
+                        take,
+                        framing != Framing::UntilClose && left == 0,
+                        take as u64,
+                    )
                 }
             };
-            let part = &avail[..take];
-            if !head_written {
-                self.out.extend_from_slice(part);
+            if !self.out.is_empty() {
                 self.io
                     .write_all(&self.out)
                     .await
                     .map_err(BodyFault::Client)?;
-                head_written = true;
-            } else if !part.is_empty() {
-                self.io.write_all(part).await.map_err(BodyFault::Client)?;
             }
-            // Body bytes, as the hyper path counts them: not chunk framing.
-            let counted = match chunked.as_ref() {
-                Some(end) => end.payload() - payload_before,
-                None => take as u64,
-            };
+            head_written = true;
             ex.bytes_down.fetch_add(counted, Ordering::Relaxed);
             let stray = avail.len() > take;
             match big.as_mut() {
@@ -949,69 +965,63 @@ impl Conn<'_> {
         }
     }
 
-    /// `http://<the name the client used>/`, for redirects into the upstream.
-    fn public_base(&self) -> String {
-        let host = self
-            .head
-            .host
-            .and_then(|h| std::str::from_utf8(h.get(&self.buf)).ok())
-            .map(str::to_owned)
-            .or_else(|| self.proxy.cfg.listen.first().map(|a| a.to_string()))
-            .unwrap_or_else(|| "localhost".into());
-        format!("http://{host}/")
-    }
-
-    /// The sidecar's own answer (an error), in the layout of hyper's;
-    /// `body_left`: request body bytes are still unread.
-    async fn answer(
-        &mut self,
-        e: &ProxyError,
-        ex: &Exchange,
-        head_request: bool,
-        body_left: bool,
-    ) -> Next {
-        self.proxy.note_local_answer(e, &ex.request_id);
-        let status = e.status();
-        ex.status.store(status.as_u16(), Ordering::Relaxed);
-        let body = e.body();
+    /// The sidecar's own answer to a request it parsed; `body_left`:
+    /// request body bytes are still unread.
+    async fn answer(&mut self, e: &ProxyError, ex: &Exchange, body_left: bool) -> Next {
+        let a = self.policy.local_answer(e, ex);
+        let close = a.close || body_left || self.req.close || self.stop.fired();
         self.out.clear();
         self.out.extend_from_slice(b"HTTP/1.1 ");
-        self.out.extend_from_slice(status.as_str().as_bytes());
+        self.out.extend_from_slice(a.status.as_str().as_bytes());
         self.out.push(b' ');
         self.out
-            .extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        let headers = e.headers();
-        for (name, value) in &headers {
+            .extend_from_slice(a.status.canonical_reason().unwrap_or("").as_bytes());
+        for (name, value) in &a.fields {
             h1::field(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
         }
-        let says_close = headers.contains_key(http::header::CONNECTION);
-        let close = says_close || body_left || self.head.close || self.stop.fired();
-        if close && !says_close {
+        if close && !a.fields.contains_key(http::header::CONNECTION) {
             h1::field(&mut self.out, b"connection", b"close");
         }
         h1::field(
             &mut self.out,
             b"content-length",
-            body.len().to_string().as_bytes(),
-        );
-        h1::field(&mut self.out, b"x-request-id", ex.request_id.as_bytes());
-        h1::field(
-            &mut self.out,
-            b"date",
-            httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes(),
+            itoa::Buffer::new().format(a.body.len()).as_bytes(),
         );
         self.out.extend_from_slice(b"\r\n\r\n");
-        if !head_request {
-            self.out.extend_from_slice(&body);
+        if !self.req.head_request {
+            self.out.extend_from_slice(&a.body);
             ex.bytes_down
-                .fetch_add(body.len() as u64, Ordering::Relaxed);
+                .fetch_add(a.body.len() as u64, Ordering::Relaxed);
         }
-        self.proxy.metrics.request_done(ex.start.elapsed());
         match self.io.write_all(&self.out).await {
             Ok(()) if !close => Next::KeepAlive,
             _ => Next::Close,
         }
     }
+
+    /// Answers a head the lane could not read (malformed, too large), on a
+    /// connection that then closes: the rest of it cannot be told apart
+    /// from the next request.
+    async fn refuse(&mut self, e: &ProxyError) {
+        self.policy.metrics.engine_request(Engine::FastLane);
+        let ex = Exchange::new(
+            Method::from_bytes(b"-").unwrap_or(Method::GET),
+            b"-",
+            super::policy::new_request_id(),
+            self.policy.metrics.clone(),
+            self.policy.cfg.access_log,
+        );
+        self.req = Request {
+            close: true,
+            ..Request::default()
+        };
+        self.answer(e, &ex, true).await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+fn is_interim(status: u16) -> bool {
+    (100..200).contains(&status) && status != 101
 }
 
 /// Resolves when the client has closed its connection (EOF or an error),
@@ -1036,20 +1046,15 @@ enum Body<'a> {
 #[derive(Debug)]
 enum SendError {
     Upstream(LaneError),
-    ClientIdle,
-    ClientBody(io::Error),
+    BadResponse(BadResponse),
+    ClientBody(ClientBodyError),
     ClientGone,
+    ToHyper,
 }
 
 impl From<LaneError> for SendError {
     fn from(e: LaneError) -> Self {
         SendError::Upstream(e)
-    }
-}
-
-impl From<h1::BadResponse> for SendError {
-    fn from(e: h1::BadResponse) -> Self {
-        SendError::Upstream(e.into())
     }
 }
 
@@ -1073,6 +1078,7 @@ impl From<h1::BadChunk> for BodyFault {
 async fn write_up(io: &mut UpIo, bytes: &[u8], idle: Duration) -> Result<(), LaneError> {
     let write = async {
         io.write_all(bytes).await?;
+        // TLS may keep records back until flushed; TCP: a no-op.
         io.flush().await
     };
     match timeout(idle, write).await {

@@ -1,7 +1,8 @@
-//! Request targets: which paths may pass, and the upstream URI they map to.
-//! Pure functions over strings.
+//! Request targets: which paths may pass, and the upstream target they map
+//! to. Pure functions over the raw bytes of the target, which are forwarded
+//! as they came (any byte above 0x20 but DEL, as nginx does).
 
-use percent_encoding::percent_decode_str;
+use percent_encoding::percent_decode;
 
 /// Why a path is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +13,9 @@ pub enum PathRejection {
     NotAllowed,
     /// Not a path at all: `OPTIONS *` asks about this server, not the upstream.
     NotAPath,
+    /// A NUL byte, percent-encoded (`%00`): no server means it, several
+    /// cut the path there (nginx refuses it too).
+    Nul,
 }
 
 /// Checks a raw request path (without the query).
@@ -20,30 +24,33 @@ pub enum PathRejection {
 /// percent-encoded (`%2e%2E`), with `;` path parameters (`/..;/`, which Tomcat
 /// strips before resolving), or hidden behind an encoded separator (`%2f`,
 /// `%5c`). `allow` prefixes are matched against the percent-decoded path.
-pub fn check(raw_path: &str, allow: &[String]) -> Result<(), PathRejection> {
-    if !raw_path.starts_with('/') {
+pub fn check(raw_path: &[u8], allow: &[String]) -> Result<(), PathRejection> {
+    if raw_path.first() != Some(&b'/') {
         return Err(PathRejection::NotAPath);
     }
-    if raw_path.contains('\\') {
+    if raw_path.contains(&b'\\') {
         return Err(PathRejection::DotSegment);
     }
-    for segment in raw_path.split('/') {
-        if !segment.contains('.') && !segment.contains('%') {
+    for segment in raw_path.split(|&c| c == b'/') {
+        if !segment.contains(&b'.') && !segment.contains(&b'%') {
             continue; // the common case: nothing to decode
         }
-        let decoded = percent_decode_str(segment).decode_utf8_lossy();
-        for piece in decoded.split(['/', '\\']) {
-            let bare = piece.split(';').next().unwrap_or("");
-            if bare == "." || bare == ".." {
+        let decoded: Vec<u8> = percent_decode(segment).collect();
+        if decoded.contains(&0) {
+            return Err(PathRejection::Nul);
+        }
+        for piece in decoded.split(|&c| c == b'/' || c == b'\\') {
+            let bare = piece.split(|&c| c == b';').next().unwrap_or(b"");
+            if bare == b"." || bare == b".." {
                 return Err(PathRejection::DotSegment);
             }
         }
     }
     if !allow.is_empty() {
-        let decoded = percent_decode_str(raw_path).decode_utf8_lossy();
+        let decoded: Vec<u8> = percent_decode(raw_path).collect();
         if !allow
             .iter()
-            .any(|prefix| decoded.starts_with(prefix.as_str()))
+            .any(|prefix| decoded.starts_with(prefix.as_bytes()))
         {
             return Err(PathRejection::NotAllowed);
         }
@@ -51,18 +58,23 @@ pub fn check(raw_path: &str, allow: &[String]) -> Result<(), PathRejection> {
     Ok(())
 }
 
-/// `base_path` (ends in `/`) joined to `raw_path` with exactly one `/`, then
-/// the raw query, byte for byte.
-pub fn join(base_path: &str, raw_path: &str, query: Option<&str>) -> String {
-    let rest = raw_path.trim_start_matches('/');
-    let mut out =
-        String::with_capacity(base_path.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
-    out.push_str(base_path);
-    out.push_str(rest);
+/// Writes `base_path` (ends in `/`) joined to `raw_path` with exactly one
+/// `/`, then the raw query, byte for byte.
+pub fn write_join(out: &mut Vec<u8>, base_path: &str, raw_path: &[u8], query: Option<&[u8]>) {
+    let rest = &raw_path[raw_path.iter().take_while(|&&c| c == b'/').count()..];
+    out.extend_from_slice(base_path.as_bytes());
+    out.extend_from_slice(rest);
     if let Some(q) = query {
-        out.push('?');
-        out.push_str(q);
+        out.push(b'?');
+        out.extend_from_slice(q);
     }
+}
+
+/// [`write_join`] into a new buffer.
+pub fn join(base_path: &str, raw_path: &[u8], query: Option<&[u8]>) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(base_path.len() + raw_path.len() + query.map_or(0, |q| q.len() + 1));
+    write_join(&mut out, base_path, raw_path, query);
     out
 }
 
@@ -88,7 +100,11 @@ mod tests {
             "/a/..%5cb",
             "/a/%2e/b",
         ] {
-            assert_eq!(check(p, &[]), Err(PathRejection::DotSegment), "{p}");
+            assert_eq!(
+                check(p.as_bytes(), &[]),
+                Err(PathRejection::DotSegment),
+                "{p}"
+            );
         }
     }
 
@@ -103,30 +119,41 @@ mod tests {
             "/a/b%2Fc",
             "/v1.2/x",
         ] {
-            assert_eq!(check(p, &[]), Ok(()), "{p}");
+            assert_eq!(check(p.as_bytes(), &[]), Ok(()), "{p}");
         }
     }
 
     #[test]
     fn asterisk_form_is_not_a_path() {
-        assert_eq!(check("*", &[]), Err(PathRejection::NotAPath));
+        assert_eq!(check(b"*", &[]), Err(PathRejection::NotAPath));
+    }
+
+    #[test]
+    fn an_encoded_nul_is_refused_and_raw_bytes_pass() {
+        assert_eq!(check(b"/a%00b", &[]), Err(PathRejection::Nul));
+        assert_eq!(check(b"/a/%00", &[]), Err(PathRejection::Nul));
+        assert_eq!(check(b"/a<b>/\"x\"/\xff", &[]), Ok(()));
     }
 
     #[test]
     fn allow_paths_match_decoded() {
         let allow = vec!["/backoffice/api/".to_string()];
-        assert_eq!(check("/backoffice/api/x", &allow), Ok(()));
-        assert_eq!(check("/backoffice%2Fapi/x", &allow), Ok(()));
-        assert_eq!(check("/other", &allow), Err(PathRejection::NotAllowed));
+        assert_eq!(check(b"/backoffice/api/x", &allow), Ok(()));
+        assert_eq!(check(b"/backoffice%2Fapi/x", &allow), Ok(()));
+        assert_eq!(check(b"/other", &allow), Err(PathRejection::NotAllowed));
     }
 
     #[test]
     fn joins_with_one_slash_and_raw_query() {
         assert_eq!(
-            join("/paymentiq/", "/backoffice/api/x", Some("a=%20&b=+")),
-            "/paymentiq/backoffice/api/x?a=%20&b=+"
+            join("/paymentiq/", b"/backoffice/api/x", Some(b"a=%20&b=+")),
+            b"/paymentiq/backoffice/api/x?a=%20&b=+"
         );
-        assert_eq!(join("/", "/x", None), "/x");
-        assert_eq!(join("/base/", "//x", None), "/base/x");
+        assert_eq!(join("/", b"/x", None), b"/x");
+        assert_eq!(join("/base/", b"//x", None), b"/base/x");
+        assert_eq!(
+            join("/base/", b"/\"<>\"", Some(b"{\"a\":1}")),
+            b"/base/\"<>\"?{\"a\":1}"
+        );
     }
 }

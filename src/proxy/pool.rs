@@ -11,9 +11,11 @@
 //! pop and never across an `.await` (uncontended with one worker thread:
 //! a pair of atomic operations).
 //!
-//! It connects through the same connector stack as the general client
-//! (egress proxies, TLS), and steps aside for it when the upstream negotiates
-//! HTTP/2 by ALPN ([`Sent::Http2`]); upgrades never come here.
+//! It connects through the upstream's one connector stack
+//! ([`super::upstream`]: egress proxies, TLS), and steps aside for hyper's
+//! general client when a connection negotiates HTTP/2 by ALPN
+//! ([`Sent::Http2`]); upgrades never come here. Header-name case is kept
+//! as the upstream wrote it.
 //!
 //! What it keeps from hyper-util's client: only ready connections are reused;
 //! idle connections close after `proxy.pool_idle_timeout`; a request that a
@@ -22,28 +24,18 @@
 //! from the upstream's authority; absolute-form targets go to a forwarding
 //! egress proxy, origin-form ones everywhere else.
 
-use std::error::Error as StdError;
-use std::future::{poll_fn, Future};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{header, HeaderValue, Request, Response, Uri};
+use http::uri::PathAndQuery;
+use http::{header, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::client::legacy::connect::Connection;
-use tower_service::Service;
 use tracing::debug;
 
-use super::body::ProxyBody;
-use super::egress;
+use super::body::{BodyEnd, ProxyBody};
 use super::idle::{IdleConn, IdleStack};
-
-type BoxError = Box<dyn StdError + Send + Sync>;
+use super::upstream::{BoxError, Upstream};
 
 /// Why a request could not be sent on a pooled connection.
 #[derive(Debug, thiserror::Error)]
@@ -70,21 +62,11 @@ pub enum Sent {
     Http2(Request<ProxyBody>),
 }
 
-type Io = MaybeHttpsStream<egress::Conn>;
-
 pub struct Pool {
-    connector: HttpsConnector<egress::Connector>,
-    /// Where a connection that negotiated HTTP/2 goes, for the general client.
-    handoff: Handoff,
-    /// `scheme://authority/`: what the connector connects to.
-    dst: Uri,
-    /// `Host` of every request: the upstream's authority, as hyper-util sets it.
-    host: HeaderValue,
+    upstream: Arc<Upstream>,
     /// Requests keep their absolute-form target (a forwarding egress proxy).
     absolute_form: bool,
     idle: Arc<IdleStack<SendRequest<ProxyBody>>>,
-    /// Set once a connection negotiated HTTP/2: the general client takes over.
-    http2: AtomicBool,
 }
 
 impl IdleConn for SendRequest<ProxyBody> {
@@ -95,34 +77,12 @@ impl IdleConn for SendRequest<ProxyBody> {
 }
 
 impl Pool {
-    pub fn new(
-        connector: HttpsConnector<egress::Connector>,
-        handoff: Handoff,
-        scheme: Scheme,
-        authority: &Authority,
-        absolute_form: bool,
-        idle_timeout: Duration,
-    ) -> Self {
-        let dst = Uri::builder()
-            .scheme(scheme.clone())
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()
-            .expect("a scheme and an authority make a URI");
+    pub fn new(upstream: Arc<Upstream>, absolute_form: bool, idle_timeout: Duration) -> Self {
         Pool {
-            connector,
-            handoff,
-            host: host_header(&scheme, authority),
-            dst,
+            upstream,
             absolute_form,
             idle: IdleStack::new(idle_timeout),
-            http2: AtomicBool::new(false),
         }
-    }
-
-    /// Whether the upstream negotiated HTTP/2, so this pool is not used.
-    pub fn is_http2(&self) -> bool {
-        self.http2.load(Ordering::Relaxed)
     }
 
     /// Sends `req` on an idle ready connection, or a new one. A reused
@@ -137,9 +97,7 @@ impl Pool {
                     Some(tx) => (tx, false),
                     // The general client needs the request as it came.
                     None if !prepared => return Ok(Sent::Http2(req)),
-                    None => {
-                        return Err(PoolError::Connect("the upstream switched to HTTP/2".into()))
-                    }
+                    None => return Err(PoolError::SwitchedToHttp2),
                 },
             };
             if !prepared {
@@ -178,7 +136,7 @@ impl Pool {
         }
         req.headers_mut()
             .entry(header::HOST)
-            .or_insert_with(|| self.host.clone());
+            .or_insert_with(|| self.upstream.host_header.clone());
     }
 
     /// The most recently used idle connection that is ready.
@@ -188,23 +146,11 @@ impl Pool {
 
     /// A new HTTP/1.1 connection, or `None` when the upstream chose HTTP/2.
     async fn connect(&self) -> Result<Option<SendRequest<ProxyBody>>, PoolError> {
-        if self.is_http2() {
+        let Some(io) = self.upstream.connect().await.map_err(PoolError::Connect)? else {
             return Ok(None);
-        }
-        let mut connector = self.connector.clone();
-        poll_fn(|cx| connector.poll_ready(cx))
-            .await
-            .map_err(PoolError::Connect)?;
-        let io = connector
-            .call(self.dst.clone())
-            .await
-            .map_err(PoolError::Connect)?;
-        if io.connected().is_negotiated_h2() {
-            self.http2.store(true, Ordering::Relaxed);
-            self.handoff.put(io);
-            return Ok(None);
-        }
+        };
         let (tx, conn) = http1::Builder::new()
+            .preserve_header_case(true)
             .handshake(io)
             .await
             .map_err(PoolError::Handshake)?;
@@ -234,7 +180,7 @@ impl Pool {
     }
 }
 
-/// A connection lent to one exchange. [`Checkin::done`] when the response
+/// A connection lent to one exchange. [`BodyEnd::ended`] when the response
 /// body has ended hands it back to the pool; dropped before that, the
 /// connection is closed (its response was not read to the end).
 pub struct Checkin {
@@ -242,75 +188,10 @@ pub struct Checkin {
     tx: Option<SendRequest<ProxyBody>>,
 }
 
-impl Checkin {
-    pub fn done(mut self) {
+impl BodyEnd for Checkin {
+    fn ended(mut self: Box<Self>) {
         if let (Some(pool), Some(tx)) = (self.pool.upgrade(), self.tx.take()) {
             pool.checkin(tx);
         }
-    }
-}
-
-/// The general client's connector: takes the connection the pool made and
-/// found to speak HTTP/2, if there is one, so that no connection is wasted
-/// (and an egress proxy sees one `CONNECT`); otherwise connects.
-#[derive(Clone)]
-pub struct Handoff {
-    connector: HttpsConnector<egress::Connector>,
-    slot: Arc<Mutex<Option<Io>>>,
-}
-
-impl Handoff {
-    pub fn new(connector: HttpsConnector<egress::Connector>) -> Self {
-        Handoff {
-            connector,
-            slot: Arc::default(),
-        }
-    }
-
-    fn put(&self, io: Io) {
-        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(io);
-    }
-}
-
-impl Service<Uri> for Handoff {
-    type Response = Io;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Io, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.connector.poll_ready(cx)
-    }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        match self.slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            Some(io) => Box::pin(std::future::ready(Ok(io))),
-            None => Box::pin(self.connector.call(dst)),
-        }
-    }
-}
-
-/// `Host` for `authority` as hyper-util's client sets it: the host, and the
-/// port unless it is the scheme's default; never userinfo.
-pub fn host_header(scheme: &Scheme, authority: &Authority) -> HeaderValue {
-    let default_port = if *scheme == Scheme::HTTPS { 443 } else { 80 };
-    let host = match authority.port_u16() {
-        Some(p) if p != default_port => format!("{}:{p}", authority.host()),
-        _ => authority.host().to_owned(),
-    };
-    HeaderValue::from_str(&host).expect("an authority's host is a valid header value")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_drops_default_ports_and_userinfo() {
-        let h = |s: &str, a: &str| host_header(&s.parse().unwrap(), &a.parse().unwrap());
-        assert_eq!(h("http", "api.test:80"), "api.test");
-        assert_eq!(h("https", "api.test:443"), "api.test");
-        assert_eq!(h("http", "api.test:443"), "api.test:443");
-        assert_eq!(h("https", "user:pw@api.test:8443"), "api.test:8443");
-        assert_eq!(h("http", "[::1]:8080"), "[::1]:8080");
     }
 }

@@ -62,6 +62,9 @@ pub struct Process {
     pub output: Arc<Mutex<Output>>,
     changed: watch::Receiver<u64>,
     _dir: Option<tempfile::TempDir>,
+    /// Inside a test that runs on both engines: its engine counters, read
+    /// before the process is signalled or killed (see [`Process::addresses`]).
+    engine_counts: Option<crate::support::ProcessCounts>,
 }
 
 /// Writes `toml` to a fresh temporary directory; returns the directory (keep
@@ -74,7 +77,8 @@ pub fn write_config(toml: &str) -> (tempfile::TempDir, PathBuf) {
 }
 
 /// A command for the binary with a clean environment for our variables:
-/// no inherited `RUST_LOG` or `TOKEN_SIDECAR_*`.
+/// no inherited `RUST_LOG` or `TOKEN_SIDECAR_*`, but, in a test that runs
+/// on both engines, `proxy.fast_lane` for the engine under test.
 pub fn command() -> Command {
     let mut cmd = Command::new(BIN);
     for (k, _) in std::env::vars_os() {
@@ -82,6 +86,9 @@ pub fn command() -> Command {
         if k == "RUST_LOG" || k.starts_with("TOKEN_SIDECAR_") {
             cmd.env_remove(k.as_ref());
         }
+    }
+    if let Some((k, v)) = crate::support::engine_env() {
+        cmd.env(k, v);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -115,6 +122,7 @@ impl Process {
             output,
             changed: rx,
             _dir: None,
+            engine_counts: None,
         }
     }
 
@@ -122,7 +130,10 @@ impl Process {
         self.child.id() as i32
     }
 
+    /// Sends `sig`, after reading the engine counters while the process
+    /// still answers.
     pub fn signal(&self, sig: i32) {
+        self.read_engine_counts();
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         let rc = unsafe { libc::kill(self.pid(), sig) };
         assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
@@ -173,7 +184,19 @@ impl Process {
         json_line(&line).expect("checked above")
     }
 
-    /// The proxy and admin addresses, from the (JSON) `listening` line.
+    /// Reads the engine counters from `/metrics` now, for the engine check
+    /// of a test that runs on both engines (nothing otherwise). Done before
+    /// every signal and kill; a test whose process exits another way
+    /// (`POST /admin/shutdown`) calls it while the process still serves.
+    pub fn read_engine_counts(&self) {
+        if let Some(c) = &self.engine_counts {
+            c.read();
+        }
+    }
+
+    /// The proxy and admin addresses, from the (JSON) `listening` line. In a
+    /// test that runs on both engines, also registers the process with the
+    /// engine check.
     pub async fn addresses(&mut self) -> (SocketAddr, SocketAddr) {
         let v = self.wait_event(Duration::from_secs(20), "listening").await;
         let proxy = v["proxy"]
@@ -185,6 +208,9 @@ impl Process {
             .as_str()
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| panic!("admin address in {v}"));
+        if self.engine_counts.is_none() {
+            self.engine_counts = crate::support::ProcessCounts::register(admin);
+        }
         (proxy, admin)
     }
 
@@ -222,6 +248,9 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.read_engine_counts();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -11,13 +11,344 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use figment::providers::{Format, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use token_sidecar::app::{self, Running};
 use token_sidecar::config::{self, Config};
 use token_sidecar::fake::{self, FakeServer, World};
+use token_sidecar::metrics::Metrics;
 
 pub use token_sidecar::fake::Scripted;
+pub use token_sidecar::metrics::Engine;
+
+// ---------------------------------------------------------------------------
+// Which proxy engine a test runs on
+
+/// What a test run expects of the engine counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Every request is served by the engine under test.
+    Served,
+    /// With the fast lane on, the lane hands some or all of these requests
+    /// to hyper by design (h2c, chunked uploads, `Expect`, upgrades,
+    /// HTTP/1.0, HTTP/2 upstreams, egress proxies): hyper serves some.
+    HandedOver,
+    /// Only hyper can serve these (h2c, HTTP/2), whatever the switch says:
+    /// the test runs once, with the lane on, and the lane serves none.
+    HyperOnly,
+}
+
+/// Requests and 401 replays by engine, summed over a test's sidecars.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineCounts {
+    pub lane: u64,
+    pub lane_replays: u64,
+    pub hyper: u64,
+    pub hyper_replays: u64,
+}
+
+impl EngineCounts {
+    fn of(metrics: &Metrics) -> EngineCounts {
+        EngineCounts {
+            lane: metrics.engine_requests(Engine::FastLane),
+            lane_replays: metrics.engine_replays(Engine::FastLane),
+            hyper: metrics.engine_requests(Engine::Hyper),
+            hyper_replays: metrics.engine_replays(Engine::Hyper),
+        }
+    }
+
+    /// From a sidecar process's `/metrics` page. Replays are exported as one
+    /// total; they are put on the engine under test (exact with the lane
+    /// off, where the check asserts hyper served everything).
+    fn from_page(text: &str, engine: Engine) -> EngineCounts {
+        let get = |series: &str| metric(text, series).unwrap_or(0.0) as u64;
+        let replays = get("token_sidecar_upstream_retries_total{reason=\"401\"}");
+        let (lane_replays, hyper_replays) = match engine {
+            Engine::FastLane => (replays, 0),
+            Engine::Hyper => (0, replays),
+        };
+        EngineCounts {
+            lane: get("token_sidecar_proxy_engine_requests_total{engine=\"fast_lane\"}"),
+            lane_replays,
+            hyper: get("token_sidecar_proxy_engine_requests_total{engine=\"hyper\"}"),
+            hyper_replays,
+        }
+    }
+
+    fn add(self, o: EngineCounts) -> EngineCounts {
+        EngineCounts {
+            lane: self.lane + o.lane,
+            lane_replays: self.lane_replays + o.lane_replays,
+            hyper: self.hyper + o.hyper,
+            hyper_replays: self.hyper_replays + o.hyper_replays,
+        }
+    }
+}
+
+/// A sidecar the engine check reads at the end of the test.
+enum Counted {
+    /// Started in this process: its metrics, read directly.
+    InProcess(Arc<Metrics>),
+    /// A process of its own: its counters as last read from `/metrics`
+    /// (see [`ProcessCounts`]); `None` if they never could be.
+    Process(Arc<std::sync::Mutex<Option<EngineCounts>>>),
+}
+
+/// The engine of the current test, and the sidecars it started.
+struct EngineRun {
+    engine: Engine,
+    sidecars: std::sync::Mutex<Vec<Counted>>,
+}
+
+tokio::task_local! {
+    static ENGINE: EngineRun;
+}
+
+/// The engine of the test under way: set by [`engines!`]; the fast lane
+/// (the default configuration) in a test that does not say.
+pub fn engine() -> Engine {
+    ENGINE
+        .try_with(|run| run.engine)
+        .unwrap_or(Engine::FastLane)
+}
+
+/// `proxy.fast_lane` for the engine under test.
+pub fn fast_lane() -> bool {
+    engine() == Engine::FastLane
+}
+
+/// The environment variable that puts a sidecar process on the engine of
+/// the test under way; `None` outside [`engines!`] (the process keeps its
+/// config's choice).
+pub fn engine_env() -> Option<(&'static str, &'static str)> {
+    let engine = ENGINE.try_with(|run| run.engine).ok()?;
+    let value = if engine == Engine::FastLane {
+        "true"
+    } else {
+        "false"
+    };
+    Some(("TOKEN_SIDECAR_PROXY__FAST_LANE", value))
+}
+
+fn register(sidecar: Counted) {
+    let _ = ENGINE.try_with(|run| {
+        run.sidecars
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(sidecar);
+    });
+}
+
+/// Records a sidecar started by the current test, so that the engine check
+/// at its end sees what it served.
+pub fn started(running: &Running) {
+    register(Counted::InProcess(running.metrics.clone()));
+}
+
+/// Starts a sidecar for `config` on the engine under test (whatever the
+/// config says of `proxy.fast_lane`) and records it for the engine check.
+pub async fn start_sidecar(config: &Config) -> Running {
+    let running = if ENGINE.try_with(|_| ()).is_ok() {
+        let mut config = config.clone();
+        config.proxy.fast_lane = fast_lane();
+        app::start(&config).await
+    } else {
+        app::start(config).await
+    }
+    .expect("sidecar starts");
+    started(&running);
+    running
+}
+
+/// The engine counters of a sidecar process started by the current test,
+/// read from its admin listener's `/metrics` while it runs: the process
+/// support calls [`ProcessCounts::read`] before it signals or kills the
+/// process; a test whose process ends another way reads them itself first.
+pub struct ProcessCounts {
+    admin: SocketAddr,
+    engine: Engine,
+    last: Arc<std::sync::Mutex<Option<EngineCounts>>>,
+}
+
+impl ProcessCounts {
+    /// Registers the process whose admin listener is `admin` with the
+    /// current test's engine check; `None` outside [`engines!`].
+    pub fn register(admin: SocketAddr) -> Option<ProcessCounts> {
+        let engine = ENGINE.try_with(|run| run.engine).ok()?;
+        let last = Arc::new(std::sync::Mutex::new(None));
+        register(Counted::Process(last.clone()));
+        Some(ProcessCounts {
+            admin,
+            engine,
+            last,
+        })
+    }
+
+    /// Reads the counters now (a blocking loopback request, bounded by a
+    /// few seconds: callable from `Drop`). Counters only grow, so the last
+    /// reading is the one that counts; a process that no longer answers
+    /// keeps its previous reading.
+    pub fn read(&self) {
+        if let Some(page) = get_blocking(self.admin, "/metrics") {
+            let counts = EngineCounts::from_page(&page, self.engine);
+            *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(counts);
+        }
+    }
+}
+
+/// `GET path` on `addr` over a plain blocking socket; the body, if the
+/// answer is a 200.
+fn get_blocking(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let limit = Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, limit).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    s.set_write_timeout(Some(limit)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).ok()?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200 ").then(|| body.to_owned())
+}
+
+/// Runs `test` with the proxy on `engine`, then asserts from the sidecars'
+/// engine counters which engine served it (a miswired switch fails here),
+/// and appends the per-engine figures to the file named by
+/// `TOKEN_SIDECAR_ENGINE_STATS`, if set.
+pub async fn run_on<F: Future<Output = ()>>(engine: Engine, expect: Expect, test: F) {
+    let run = EngineRun {
+        engine,
+        sidecars: std::sync::Mutex::new(Vec::new()),
+    };
+    let sidecars = ENGINE
+        .scope(run, async {
+            test.await;
+            ENGINE.with(|run| std::mem::take(&mut *run.sidecars.lock().unwrap()))
+        })
+        .await;
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    assert!(
+        !sidecars.is_empty(),
+        "{test} runs on both engines but started no sidecar through the test support \
+         (support::start_sidecar, Harness, Front or sidecar_process), so the engine is unchecked"
+    );
+    let mut total = EngineCounts::default();
+    for s in &sidecars {
+        let counts = match s {
+            Counted::InProcess(m) => EngineCounts::of(m),
+            Counted::Process(last) => (*last.lock().unwrap_or_else(|p| p.into_inner()))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{test}: a sidecar process ended before its engine counters were read \
+                         (read them with sidecar_process::Process::read_engine_counts first)"
+                    )
+                }),
+        };
+        total = total.add(counts);
+    }
+    let EngineCounts {
+        lane,
+        lane_replays,
+        hyper,
+        hyper_replays,
+    } = total;
+    if let Ok(path) = std::env::var("TOKEN_SIDECAR_ENGINE_STATS") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            // One write per line: tests run in parallel, appending to one file.
+            let line = format!(
+                "{test}\t{}\tfast_lane={lane}\tfast_lane_replays={lane_replays}\thyper={hyper}\thyper_replays={hyper_replays}\n",
+                engine.as_str()
+            );
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+    if lane + hyper == 0 {
+        return; // nothing reached an engine's request path
+    }
+    match (engine, expect) {
+        (Engine::Hyper, _) => assert!(
+            lane == 0 && hyper > 0,
+            "with proxy.fast_lane = false hyper must serve every request: fast lane {lane}, hyper {hyper}"
+        ),
+        (Engine::FastLane, Expect::Served) => assert!(
+            lane > 0 && hyper == 0,
+            "with proxy.fast_lane = true the fast lane must serve every request of this test \
+             (mark it @handed_over if the lane hands some to hyper by design): fast lane {lane}, hyper {hyper}"
+        ),
+        (Engine::FastLane, Expect::HandedOver) => assert!(
+            hyper > 0,
+            "the fast lane was to hand these requests to hyper, which served none (fast lane {lane})"
+        ),
+        (Engine::FastLane, Expect::HyperOnly) => assert!(
+            lane == 0 && hyper > 0,
+            "only hyper can serve these requests: fast lane {lane}, hyper {hyper}"
+        ),
+    }
+}
+
+/// Runs each test function twice, as `NAME::fast_lane` and `NAME::hyper`:
+/// with `proxy.fast_lane` on and off, asserting afterwards which engine
+/// served it ([`run_on`]). Attributes (`#[tokio::test(...)]` included) are
+/// repeated on both. A marker before a function:
+/// - `@handed_over`: with the lane on, the lane hands some of its requests
+///   to hyper by design, so hyper serves some ([`Expect::HandedOver`]);
+/// - `@hyper_only`: only hyper can serve it (h2c, HTTP/2): it runs once, as
+///   `NAME`, with the lane on, and asserts the lane served none of it.
+#[macro_export]
+macro_rules! engines {
+    ($( $(@$mark:ident)? $(#[$meta:meta])* async fn $name:ident () $body:block )*) => {$(
+        $crate::engines!(@one [$($mark)?] [$(#[$meta])*] $name $body);
+    )*};
+    (@one [hyper_only] [$($attr:tt)*] $name:ident $body:block) => {
+        $($attr)*
+        async fn $name() {
+            $crate::support::run_on(
+                $crate::support::Engine::FastLane,
+                $crate::support::Expect::HyperOnly,
+                async $body,
+            )
+            .await
+        }
+    };
+    (@one [$($mark:ident)?] [$($attr:tt)*] $name:ident $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $($attr)*
+            async fn fast_lane() {
+                $crate::support::run_on(
+                    $crate::support::Engine::FastLane,
+                    $crate::engines!(@expect $($mark)?),
+                    async $body,
+                )
+                .await
+            }
+
+            $($attr)*
+            async fn hyper() {
+                $crate::support::run_on(
+                    $crate::support::Engine::Hyper,
+                    $crate::support::Expect::Served,
+                    async $body,
+                )
+                .await
+            }
+        }
+    };
+    (@expect) => { $crate::support::Expect::Served };
+    (@expect handed_over) => { $crate::support::Expect::HandedOver };
+}
 
 /// A fake world, its two servers, and a sidecar in front of them.
 pub struct Harness {
@@ -52,7 +383,7 @@ impl Harness {
             &api.url("/base/"),
             overrides,
         );
-        let sidecar = app::start(&config).await.expect("sidecar starts");
+        let sidecar = start_sidecar(&config).await;
         Harness {
             proxy: sidecar.proxy_addrs[0],
             admin: sidecar.admin_addr,
@@ -123,10 +454,12 @@ format = "text"
     )
 }
 
-/// Builds a validated config: base, then `overrides` merged key by key.
+/// Builds a validated config: base, the engine under test
+/// (`proxy.fast_lane`), then `overrides` merged key by key.
 pub fn config_for(world: &World, token_url: &str, upstream: &str, overrides: &str) -> Config {
     let fig = Figment::new()
         .merge(Toml::string(&base_toml(world, token_url, upstream)))
+        .merge(Serialized::default("proxy.fast_lane", fast_lane()))
         .merge(Toml::string(overrides));
     match config::load_figment(fig) {
         Ok(l) => l.config,

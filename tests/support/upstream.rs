@@ -430,9 +430,7 @@ impl Front {
                 .expect("fake token endpoint");
         let config =
             crate::support::config_for(&world, &auth.url("/oauth/token"), upstream, overrides);
-        let sidecar = token_sidecar::app::start(&config)
-            .await
-            .expect("sidecar starts");
+        let sidecar = crate::support::start_sidecar(&config).await;
         sidecar
             .token
             .wait_usable(0, Duration::from_secs(10))

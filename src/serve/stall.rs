@@ -1,6 +1,6 @@
 //! Ends a connection whose peer stops taking bytes.
 //!
-//! A body that stops *arriving* is ended by [`super::body::ProxyBody`]'s idle
+//! A body that stops *arriving* is ended by [`crate::proxy::body::ProxyBody`]'s idle
 //! timer. A peer that stops *reading* is different: hyper then stops polling
 //! the body it is sending (back-pressure), so no body timer can run, and the
 //! exchange (and the upstream connection behind it) would be held forever.

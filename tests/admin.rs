@@ -64,8 +64,13 @@ fn parse(text: &str) -> BTreeMap<String, Family> {
 }
 
 async fn scrape(h: &Harness) -> String {
+    scrape_at(h.admin).await
+}
+
+/// The `/metrics` page of the admin listener at `admin`.
+async fn scrape_at(admin: std::net::SocketAddr) -> String {
     let r = support::client()
-        .get(h.admin_url("/metrics"))
+        .get(format!("http://{admin}/metrics"))
         .send()
         .await
         .unwrap();
@@ -75,6 +80,18 @@ async fn scrape(h: &Harness) -> String {
         "text/plain; version=0.0.4; charset=utf-8"
     );
     r.text().await.unwrap()
+}
+
+/// `/status` of the admin listener at `admin`.
+async fn status_at(admin: std::net::SocketAddr) -> serde_json::Value {
+    support::client()
+        .get(format!("http://{admin}/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 fn series(v: &[&str]) -> Vec<String> {
@@ -298,14 +315,7 @@ async fn a_lost_token_shows_in_readyz_status_and_metrics() {
     assert_eq!(r["last_error"], "invalid_grant");
     assert!(r["retry_after_secs"].as_u64().unwrap() >= 1);
 
-    let s: serde_json::Value = c
-        .get(h.admin_url("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let s = status_at(h.admin).await;
     assert_eq!(s["valid"], false);
     assert_eq!(s["last_grant"], "password");
     assert_eq!(s["last_outcome"], "rejected");
@@ -352,16 +362,7 @@ async fn status_gives_rfc3339_times_the_reason_and_the_diagnosis() {
     let h = Harness::start(300.0, "").await;
     h.ready().await;
     let c = support::client();
-    let status = || async {
-        c.get(h.admin_url("/status"))
-            .send()
-            .await
-            .unwrap()
-            .json::<serde_json::Value>()
-            .await
-            .unwrap()
-    };
-    let s = status().await;
+    let s = status_at(h.admin).await;
     for field in ["obtained_at", "expires_at", "last_attempt_at"] {
         same_instant(&s, field);
     }
@@ -379,7 +380,7 @@ async fn status_gives_rfc3339_times_the_reason_and_the_diagnosis() {
     });
     let r = c.post(h.admin_url("/admin/refresh")).send().await.unwrap();
     assert_eq!(r.status(), 502);
-    let s = status().await;
+    let s = status_at(h.admin).await;
     assert_eq!(s["reason"], "startup", "the token held is still the first");
     assert_eq!(s["last_reason"], "admin");
     assert_eq!(s["last_grant"], "refresh_token");
@@ -467,14 +468,7 @@ async fn a_panicking_token_task_is_restarted_and_counted() {
     let admin = |p: &str| format!("http://{}{p}", running.admin_addr);
     let r = c.get(admin("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let text = c
-        .get(admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape_at(running.admin_addr).await;
     assert_eq!(
         metric(&text, "token_sidecar_refresher_restarts_total"),
         Some(2.0)
@@ -495,27 +489,15 @@ async fn healthz_fails_when_the_token_task_cannot_be_kept_running() {
         r.text().await.unwrap(),
         "the token refresh task cannot be kept running\n"
     );
-    let text = c
-        .get(admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape_at(running.admin_addr).await;
     assert_eq!(
         metric(&text, "token_sidecar_refresher_restarts_total"),
         Some(5.0)
     );
-    let s: serde_json::Value = c
-        .get(admin("/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(s["refresher_running"], false);
+    assert_eq!(
+        status_at(running.admin_addr).await["refresher_running"],
+        false
+    );
 }
 
 #[tokio::test]
@@ -554,14 +536,7 @@ async fn secret_file_errors_are_a_series_per_file_key() {
     let admin = |p: &str| format!("http://{}{p}", running.admin_addr);
     let r = c.post(admin("/admin/refresh")).send().await.unwrap();
     assert_eq!(r.status(), 200, "the last good password stood in");
-    let text = c
-        .get(admin("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape_at(running.admin_addr).await;
     let families = parse(&text);
     let f = &families["token_sidecar_secret_file_errors_total"];
     assert_eq!(f.kind, "counter");

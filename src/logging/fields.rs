@@ -80,9 +80,6 @@ impl<V: VisitFmt> VisitFmt for Rounded<V> {
 
 #[cfg(test)]
 mod tests {
-    use std::io;
-    use std::sync::{Arc, Mutex};
-
     use super::*;
 
     #[test]
@@ -92,61 +89,5 @@ mod tests {
         assert_eq!(round_timing("took_s", 0.123_456_789), 0.123457);
         assert_eq!(round_timing("ratio", 0.123_456_789), 0.123_456_789);
         assert!(round_timing("x_ms", f64::NAN).is_nan());
-    }
-
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-
-    impl io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn emit() {
-        let start = 1.054_355_000_000_000_2f64;
-        tracing::info!(
-            total_ms = start,
-            upstream_ms = 43.352_402_999_999_995f64,
-            count = 3u64,
-            "request"
-        );
-    }
-
-    #[test]
-    fn both_formats_write_rounded_timings() {
-        let text = Buf::default();
-        let writer = text.clone();
-        tracing::subscriber::with_default(
-            tracing_subscriber::fmt()
-                .fmt_fields(RoundedFields)
-                .with_ansi(false)
-                .with_writer(move || writer.clone())
-                .finish(),
-            emit,
-        );
-        let line = String::from_utf8(text.0.lock().unwrap().clone()).unwrap();
-        assert!(
-            line.contains("request total_ms=1.054 upstream_ms=43.352 count=3"),
-            "{line}"
-        );
-        let json = Buf::default();
-        let writer = json.clone();
-        tracing::subscriber::with_default(
-            tracing_subscriber::fmt()
-                .event_format(super::super::json::JsonFormat)
-                .with_writer(move || writer.clone())
-                .finish(),
-            emit,
-        );
-        let line = String::from_utf8(json.0.lock().unwrap().clone()).unwrap();
-        assert!(
-            line.contains(r#""total_ms":1.054,"upstream_ms":43.352,"count":3"#),
-            "{line}"
-        );
     }
 }

@@ -47,6 +47,8 @@ enum Answer {
     Hang,
     /// Panics in the refresh task (the test-only way to inject one).
     Panic,
+    /// A new token, answered only after this long.
+    Late(Duration),
 }
 
 /// One grant as the endpoint saw it.
@@ -153,6 +155,7 @@ impl Endpoint {
                 panic!("injected panic in the token task");
             }
             Answer::Hang => None,
+            Answer::Late(_) => unreachable!("turned into Issue by request()"),
             Answer::Status(status) => Some(Err(TokenError::Status { status })),
             Answer::Rejected(status, code) => Some(Err(TokenError::Rejected {
                 status,
@@ -211,8 +214,18 @@ impl TokenEndpoint for Endpoint {
         credentials: &Credentials,
         timeout: Duration,
     ) -> impl Future<Output = Result<TokenResponse, TokenError>> + Send {
+        let late = self.with(|s| match s.script.front() {
+            Some(Answer::Late(d)) => Some(*d),
+            _ => None,
+        });
+        if late.is_some() {
+            self.with(|s| s.script[0] = Answer::Issue);
+        }
         let answer = self.answer(grant, credentials, timeout);
         async move {
+            if let Some(d) = late {
+                tokio::time::sleep(d).await;
+            }
             match answer {
                 Some(result) => result,
                 None => std::future::pending().await,
@@ -1210,4 +1223,23 @@ async fn a_token_task_that_cannot_be_kept_running_is_given_up_and_says_so() {
         && l["message"]
             .as_str()
             .is_some_and(|m| m.starts_with("the token refresh task cannot be kept running"))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_that_runs_out_during_a_slow_refresh_is_logged_usable_again() {
+    let logs = LogBuffer::capture();
+    // 10 s tokens: refresh at 4.75 s, usable until 9 s, expiry at 10 s. The
+    // refresh is answered 5 s late, at 9.75 s: a 750 ms outage.
+    let endpoint = Endpoint::new(S(10));
+    endpoint.with(|s| s.script = [Answer::Issue, Answer::Late(S(5))].into());
+    let sidecar = start(&endpoint, settings(), half);
+    generation(&sidecar, 2, S(20)).await;
+    assert_eq!(endpoint.calls()[1].at, MS(4750));
+    let lines = logs.lines();
+    let again: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "token usable again")
+        .collect();
+    assert_eq!(again.len(), 1, "{lines:?}");
+    assert_eq!(again[0]["outage_ms"], 750);
 }

@@ -568,6 +568,14 @@ impl<E: TokenEndpoint> Refresher<E> {
         let expires_at = sent_at + lifetime;
         let usable_until = expires_at - schedule::expiry_margin(lifetime, cfg);
         let expires_wall = sent_wall + lifetime;
+        // The held token ran out: logged by the loop, or (if it ran out while
+        // this call was under way, which the loop does not watch) now.
+        let lapsed_at = self.unusable_since.take().or_else(|| {
+            self.held
+                .as_ref()
+                .map(|h| h.usable_until)
+                .filter(|u| *u <= now)
+        });
         self.generation += 1;
         self.same_token_answers = 0;
         self.follower = reason == Reason::Upstream401 && kind == GrantKind::Password;
@@ -603,7 +611,7 @@ impl<E: TokenEndpoint> Refresher<E> {
             "{}",
             if self.generation == 1 { "token obtained" } else { "token refreshed" }
         );
-        if let Some(since) = self.unusable_since.take() {
+        if let Some(since) = lapsed_at {
             info!(
                 generation = self.generation,
                 outage_ms = millis(now.saturating_duration_since(since)),

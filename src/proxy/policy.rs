@@ -161,8 +161,8 @@ impl Policy {
         // Dot-segments anywhere in the path (no request leaves its route's
         // base path); `allow_paths` against `/` plus the rest, so that
         // `["/api/"]` means the same under any prefix.
-        path::check(path, &[])
-            .and_then(|()| path::check(rest, &self.route.allow_paths))
+        path::check_segments(path)
+            .and_then(|()| path::check_allowed(rest, &self.route.allow_paths))
             .map_err(|r| match r {
                 PathRejection::DotSegment => {
                     ProxyError::BadRequest("dot-segments are not allowed in the request path")

@@ -148,6 +148,7 @@ impl Metrics {
             Box::new(retries),
             Box::new(inflight.clone()),
             Box::new(build_info),
+            Box::new(crate::tls::ca_file_reload_errors()),
         ] {
             registry.register(c).expect("metric names are unique");
         }

@@ -1,4 +1,4 @@
-//! The admin listener over real HTTP: every metric the README documents, with
+//! The admin listener over real HTTP: every metric docs/operating.md documents, with
 //! its type and labels, moving with what happens; the probes; `/status`;
 //! `POST /admin/refresh`; the answers to wrong paths and methods.
 
@@ -123,6 +123,7 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         ),
         ("token_sidecar_proxy_inflight_requests", "gauge", &[]),
         ("token_sidecar_build_info", "gauge", &["version"]),
+        ("token_sidecar_ca_file_reload_errors_total", "counter", &[]),
     ];
     for (name, kind, labels) in expected {
         let f = families

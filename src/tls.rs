@@ -84,9 +84,10 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Tls
 
 /// The bundled roots plus the operating system's trust store, read, parsed
 /// and logged once per process (both clients share them). Certificates webpki
-/// cannot use are skipped, as OpenSSL skips them in a bundle.
-fn base_roots() -> &'static RootCertStore {
-    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+/// cannot use are skipped, as OpenSSL skips them in a bundle. A verifier
+/// without a `ca_file` shares this store rather than holding a copy.
+fn base_roots() -> &'static Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
     ROOTS.get_or_init(|| {
         let native = rustls_native_certs::load_native_certs();
         let source = match (
@@ -107,7 +108,7 @@ fn base_roots() -> &'static RootCertStore {
             bundled = webpki_roots::TLS_SERVER_ROOTS.len(),
             system, unusable, source, "trust store loaded"
         );
-        store
+        Arc::new(store)
     })
 }
 
@@ -249,9 +250,14 @@ fn build(
     extra: Vec<CertificateDer<'static>>,
     provider: &Arc<CryptoProvider>,
 ) -> Arc<WebPkiServerVerifier> {
-    let mut store = base_roots().clone();
-    store.add_parsable_certificates(extra);
-    WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
+    let store = if extra.is_empty() {
+        base_roots().clone()
+    } else {
+        let mut store = RootCertStore::clone(base_roots());
+        store.add_parsable_certificates(extra);
+        Arc::new(store)
+    };
+    WebPkiServerVerifier::builder_with_provider(store, provider.clone())
         .build()
         .expect("the bundled roots are never empty, and no CRLs are given")
 }

@@ -2,7 +2,7 @@
 # Static checks of deploy/: what can be checked without a Docker engine or a
 # cluster. Run from anywhere as root (CI does: `bash .ci/deploy-checks.sh`).
 # It builds no Rust code. Tools go into git-ignored folders:
-#   .ci/.venv        kubernetes-validate and checkov, pinned in deploy/ci/requirements.txt
+#   .ci/.venv        kubernetes-validate, checkov and hadolint, pinned in deploy/ci/requirements.txt
 #   .ci/.tools       promtool, unpacked from Debian's prometheus package (no server installed)
 #   .ci/.deploy-out  rendered manifests and one log per check, for a look after a failure
 # Idempotent: a second run reuses what the first installed.
@@ -30,7 +30,7 @@ log() { printf 'deploy-checks: %s\n' "$*"; }
 stamp="$VENV/.deploy-checks.sha256"
 want=$(sha256sum "$REQUIREMENTS" | cut -d' ' -f1)
 if [[ ! -x "$VENV/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-  log "installing kubernetes-validate and checkov into $VENV"
+  log "installing kubernetes-validate, checkov and hadolint into $VENV"
   t=$SECONDS
   python3 -m venv "$VENV"
   if ! "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS" >"$OUT/pip.log" 2>&1; then
@@ -78,7 +78,7 @@ render() { # render DIR OUTFILE
   "${KUSTOMIZE[@]}" "$1" >"$2"
 }
 
-log "kubernetes-validate $("$VENV/bin/kubernetes-validate" --version 2>&1 | tail -n1), checkov $("$VENV/bin/checkov" --version), $("$PROMTOOL" --version 2>&1 | head -n1), kustomize ${kustomize_version:-unknown}"
+log "kubernetes-validate $("$VENV/bin/kubernetes-validate" --version 2>&1 | tail -n1), checkov $("$VENV/bin/checkov" --version), $("$VENV/bin/hadolint" --version), $("$PROMTOOL" --version 2>&1 | head -n1), kustomize ${kustomize_version:-unknown}"
 
 # --- checks --------------------------------------------------------------------
 
@@ -154,6 +154,16 @@ for sample in tests/data/kustomize/*/; do
   check "checkov: the sidecar's container in sample $name" \
     checkov_sidecar "$s"-sidecar-only-*.yaml
 done
+
+check "hadolint deploy/Dockerfile (every level, OCI labels required)" \
+  "$VENV/bin/hadolint" --failure-threshold style \
+  --require-label org.opencontainers.image.source:text \
+  --require-label org.opencontainers.image.version:text \
+  --require-label org.opencontainers.image.revision:text \
+  --require-label org.opencontainers.image.licenses:text \
+  deploy/Dockerfile
+check "Dockerfile VERSION = Cargo.toml version" \
+  bash -c 'c=$(sed -n "s/^version = \"\(.*\)\"/\1/p" Cargo.toml | head -n1); d=$(sed -n "s/^ARG VERSION=//p" deploy/Dockerfile); echo "Cargo.toml $c, Dockerfile $d"; [[ -n $c && $c == "$d" ]]'
 
 # Skips: deploy/.checkov.yaml and inline checkov:skip, each listed in deploy/README.md.
 # No download from the vendor's platform and no update check: nothing leaves the machine.

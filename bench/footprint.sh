@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Resource footprint of the release binary: idle RSS and time to ready.
+# Resource footprint of the binary: idle RSS and time to ready.
 #
-#   bench/footprint.sh [RUNS] [IDLE_RUNS]     (defaults 20 and 5)
+#   bench/footprint.sh [RUNS] [IDLE_RUNS] [PROFILE]   (defaults 20, 5 and release;
+#                                                       dist: the container image's build)
 #
 # A `token-sidecar demo` is started once as the token stand-in: its built-in
 # fake token endpoint and backoffice API on loopback. Then, RUNS times, a fresh
@@ -17,14 +18,18 @@
 # IDLE_RUNS of them then stay up: RSS (and its anonymous part: heap and
 # stacks) after 5 s idle, and RSS after 200 proxied requests on one
 # keep-alive connection. Prints each run and the medians.
-# Targets (issue 5): idle RSS under 10 MiB, ready within 50 ms of the token answer.
+# Targets: idle RSS under 10 MiB, ready within 50 ms of the token answer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-20}
 idle_runs=${2:-5}
+profile=${3:-release}
 
-cargo build --release --quiet
-bin=target/release/token-sidecar
+# SIDECAR=path measures that binary instead, unbuilt.
+if [ -z "${SIDECAR:-}" ]; then
+    cargo build --locked --quiet --profile "$profile" --bin token-sidecar
+fi
+bin=${SIDECAR:-target/$profile/token-sidecar}
 echo "binary: $(du -h "$bin" | cut -f1) ($bin), $(nproc) CPUs visible, rustc $(rustc --version | cut -d' ' -f2)"
 
 exec python3 - "$bin" "$runs" "$idle_runs" <<'PY'

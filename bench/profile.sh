@@ -7,13 +7,23 @@
 # sidecar is pinned to one CPU (PROXY_CPUS, default 0) as in run.sh, so it
 # runs its one-worker current-thread runtime.
 # Needs valgrind, wrk, nginx, python3 (run.sh installs the last three).
-#   bench/profile.sh                    # 8 connections, 10 s
+#   bench/profile.sh [PROFILE]          # 8 connections, 10 s; PROFILE: a Cargo profile, default release
+#   bench/profile.sh dist               # the profile the container image is built with
 #   CONNS=64 DURATION=20 bench/profile.sh
+# Builds `cargo build --profile PROFILE --bin token-sidecar` first (SKIP_BUILD=1:
+# don't); SIDECAR=path measures that binary instead.
 # KEEP_WORK=1 keeps the callgrind output for `callgrind_annotate --inclusive=yes`.
 set -euo pipefail
 BENCH=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(dirname "$BENCH")
-SIDECAR=${SIDECAR:-$ROOT/target/release/token-sidecar}
+PROFILE=${1:-release}
+case $PROFILE in dev) PROFILE_DIR=debug ;; *) PROFILE_DIR=$PROFILE ;; esac
+if [ -z "${SIDECAR:-}" ] && [ "${SKIP_BUILD:-0}" != 1 ]; then
+    echo "building token-sidecar (cargo build --profile $PROFILE)" >&2
+    (cd "$ROOT" && cargo build --locked --quiet --profile "$PROFILE" --bin token-sidecar)
+fi
+SIDECAR=${SIDECAR:-$ROOT/target/$PROFILE_DIR/token-sidecar}
+[ -x "$SIDECAR" ] || { echo "no binary at $SIDECAR" >&2; exit 1; }
 CONNS=${CONNS:-8}
 DURATION=${DURATION:-10}
 PORT_BASE=${PORT_BASE:-27580}
@@ -65,6 +75,6 @@ callgrind_control -d "$VG" >/dev/null
 REQS=$(echo "$OUT" | awk '/requests in/ {print $1}')
 DUMP=$(ls -t "$WORK"/callgrind.out.* | head -n1)
 IR=$(callgrind_annotate "$DUMP" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-echo "requests: $REQS  instructions: $IR  per request: $((IR / REQS))"
+echo "$(basename "$(dirname "$SIDECAR")"): requests: $REQS  instructions: $IR  per request: $((IR / REQS))"
 [ "${KEEP_WORK:-0}" = 1 ] && callgrind_annotate --inclusive=yes "$DUMP" 2>/dev/null | head -n 60 > "$WORK/annotate.txt"
 exit 0

@@ -8,6 +8,8 @@
 # at each connection count; then a streaming download through each.
 # Prints medians across rounds and the ratios token-sidecar/nginx.
 #
+#   bench/run.sh [PROFILE]    # PROFILE: the Cargo profile to build and measure, default release
+#
 # Everything listens on 127.0.0.1 only; every process started here is
 # stopped on exit. Settings (environment):
 #   ROUNDS=3 DURATION=10 WARMUP=2 CONNS="64 256" WRK_THREADS=1
@@ -23,6 +25,8 @@ WRK_THREADS=${WRK_THREADS:-1}
 STREAM_MIB=${STREAM_MIB:-1024}
 PORT_BASE=${PORT_BASE:-27480}
 SKIP_BUILD=${SKIP_BUILD:-0}
+PROFILE=${1:-release}
+case $PROFILE in dev) PROFILE_DIR=debug ;; *) PROFILE_DIR=$PROFILE ;; esac
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=$ROOT/bench
@@ -47,10 +51,10 @@ if ((${#missing[@]})); then
 fi
 
 if [ "$SKIP_BUILD" != 1 ]; then
-    say "building token-sidecar (cargo build --release)"
-    (cd "$ROOT" && cargo build --release --quiet)
+    say "building token-sidecar (cargo build --profile $PROFILE)"
+    (cd "$ROOT" && cargo build --locked --quiet --profile "$PROFILE" --bin token-sidecar)
 fi
-SIDECAR=${SIDECAR:-$ROOT/target/release/token-sidecar}
+SIDECAR=${SIDECAR:-$ROOT/target/$PROFILE_DIR/token-sidecar}
 [ -x "$SIDECAR" ] || die "no binary at $SIDECAR"
 
 # --- placement ----------------------------------------------------------------

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Prints bench/run.sh's results: medians across rounds per configuration,
-and the ratios token-sidecar/nginx against the targets of the issue.
+and the ratios token-sidecar/nginx against the performance targets (GOALS).
 
 Usage: summarize.py RESULTS.tsv STREAM.tsv CLK_TCK  (run notes on stdin)
 """

@@ -245,11 +245,18 @@ impl Running {
 }
 
 /// SIGTERM or SIGINT begins the shutdown; a second one exits at once with
-/// status 128 + the signal number.
+/// status 128 + the signal number (after writing the log lines that wait).
+///
+/// SIGHUP, which operators send to nginx or Vault Agent for a reload, would
+/// otherwise kill the process on the spot (its default action). Nothing here
+/// needs it: the config is read at start only, secret files are re-read on
+/// every grant and a `ca_file` at each new TLS connection. So it is answered
+/// with one line saying that.
 pub fn install_signal_handlers(lifecycle: Arc<Lifecycle>) -> io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         // Signal numbers as on Linux (and every Unix this runs on).
         const SIGINT: i32 = 2;
@@ -259,6 +266,14 @@ pub fn install_signal_handlers(lifecycle: Arc<Lifecycle>) -> io::Result<()> {
             let (name, number) = tokio::select! {
                 _ = term.recv() => ("SIGTERM", SIGTERM),
                 _ = int.recv() => ("SIGINT", SIGINT),
+                _ = hup.recv() => {
+                    info!(
+                        signal = "SIGHUP",
+                        "SIGHUP changes nothing: the configuration is read at start only (restart to apply a change); \
+                         secret files are re-read on every grant and ca_file at each new TLS connection"
+                    );
+                    continue;
+                }
             };
             count += 1;
             if count == 1 {
@@ -271,6 +286,8 @@ pub fn install_signal_handlers(lifecycle: Arc<Lifecycle>) -> io::Result<()> {
                     exit_code = code,
                     "second signal: exiting now"
                 );
+                // process::exit runs no destructor: write what waits first.
+                crate::logging::flush();
                 std::process::exit(code);
             }
         }

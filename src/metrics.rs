@@ -230,6 +230,12 @@ impl Metrics {
             Box::new(secret_file_errors.clone()),
             Box::new(refresher_restarts.clone()),
             Box::new(build_info),
+            Box::new(crate::tls::ca_file_reload_errors()),
+            // process_cpu_seconds_total, process_resident_memory_bytes,
+            // process_open_fds, process_max_fds, process_start_time_seconds, ...
+            // read from /proc at each scrape. It registers itself only in the
+            // crate's default registry, hence here.
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             registry.register(c).expect("metric names are unique");
         }

@@ -1,6 +1,7 @@
-//! The admin listener over real HTTP: every metric the README documents, with
-//! its type and labels, moving with what happens; the probes; `/status`;
-//! `POST /admin/refresh`; the answers to wrong paths and methods.
+//! The admin listener over real HTTP: every metric docs/operating.md documents
+//! (the process collector's too), with its type and labels, moving with what
+//! happens; the probes; `/status`; `POST /admin/refresh`; the answers to wrong
+//! paths and methods.
 
 #[path = "support/logs.rs"]
 mod logs;
@@ -155,6 +156,15 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         ("token_sidecar_build_info", "gauge", &["version"]),
         // token_sidecar_secret_file_errors_total{key} shows with secret
         // files only: see secret_files_and_restarts_are_counted.
+        ("token_sidecar_ca_file_reload_errors_total", "counter", &[]),
+        // The process collector's (see process_metrics_follow_the_process).
+        ("process_cpu_seconds_total", "counter", &[]),
+        ("process_open_fds", "gauge", &[]),
+        ("process_max_fds", "gauge", &[]),
+        ("process_virtual_memory_bytes", "gauge", &[]),
+        ("process_resident_memory_bytes", "gauge", &[]),
+        ("process_start_time_seconds", "gauge", &[]),
+        ("process_threads", "gauge", &[]),
     ];
     for (name, kind, labels) in expected {
         let f = families
@@ -248,6 +258,59 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         1.0
     );
 }
+}
+
+/// `VmRSS` of this process from `/proc/self/status`, in bytes.
+fn vm_rss() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib * 1024.0
+}
+
+/// The sidecar's own registry carries the process collector (it registers
+/// itself only in the prometheus crate's default registry). The sidecar runs
+/// in this test process, so the figures are this process's.
+#[tokio::test]
+async fn process_metrics_follow_the_process() {
+    let h = Harness::start(300.0, "").await;
+    h.ready().await;
+    let text = scrape(&h).await;
+    let m = |text: &str, s: &str| metric(text, s).unwrap_or_else(|| panic!("{s} in\n{text}"));
+
+    let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+    assert_eq!(m(&text, "process_max_fds"), soft as f64);
+    let rss = m(&text, "process_resident_memory_bytes");
+    let now_rss = vm_rss();
+    assert!(
+        rss > 1e6 && (0.5..2.0).contains(&(rss / now_rss)),
+        "{rss} vs VmRSS {now_rss}"
+    );
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = m(&text, "process_start_time_seconds");
+    assert!(
+        (now - 3600.0..=now + 1.0).contains(&started),
+        "{started} vs {now}"
+    );
+    assert!(m(&text, "process_cpu_seconds_total") >= 0.0);
+    assert!(m(&text, "process_threads") >= 1.0);
+
+    // Open files show up at the next scrape (other tests of this binary
+    // open and close a few sockets meanwhile: hence the margin).
+    let before = m(&text, "process_open_fds");
+    assert!(before > 0.0 && before < soft as f64);
+    let files: Vec<std::fs::File> = (0..200).map(|_| tempfile::tempfile().unwrap()).collect();
+    let during = m(&scrape(&h).await, "process_open_fds");
+    assert!(during >= before + 150.0, "{before} -> {during}");
+    drop(files);
+    let after = m(&scrape(&h).await, "process_open_fds");
+    assert!(after <= during - 150.0, "{during} -> {after}");
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
-//! The config shipped in deploy/kubernetes/configmap.yaml must pass
-//! `token-sidecar check` with the Secret's keys laid out as files the way the
-//! manifest mounts them, so the manifests cannot drift from the code.
+//! The config of the example app (deploy/examples/legacy-app/base/configmap.yaml)
+//! must pass `token-sidecar check` with the Secret's keys laid out as files the
+//! way the kustomize component mounts them, so the manifests cannot drift from
+//! the code.
 
 use std::path::Path;
 use std::process::Command;
@@ -34,13 +35,16 @@ fn string_data(yaml: &str) -> Vec<(String, String)> {
 #[test]
 fn shipped_configmap_passes_check_with_the_secret_mounted() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cm = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
-    let secret = std::fs::read_to_string(root.join("deploy/kubernetes/secret.yaml")).unwrap();
-    let deployment =
-        std::fs::read_to_string(root.join("deploy/kubernetes/deployment.yaml")).unwrap();
+    let example = root.join("deploy/examples/legacy-app/base");
+    let cm = std::fs::read_to_string(example.join("configmap.yaml")).unwrap();
+    let secret = std::fs::read_to_string(example.join("secret.yaml")).unwrap();
+    let deployment = std::fs::read_to_string(
+        root.join("deploy/kubernetes/components/token-sidecar/sidecar.yaml"),
+    )
+    .unwrap();
     assert!(
-        deployment.contains("/etc/token-sidecar"),
-        "the deployment mounts config and secrets under /etc/token-sidecar"
+        deployment.contains("mountPath: /etc/token-sidecar\n"),
+        "the component mounts config and secrets under /etc/token-sidecar"
     );
     let mounts_with_subpath = deployment
         .lines()

@@ -1,7 +1,7 @@
 //! Probes and graceful shutdown of the real binary: SIGTERM, SIGINT, a second
-//! signal and `POST /admin/shutdown`, with a request held in flight by a test
-//! upstream that answers only when the test releases it (so no test depends
-//! on how long anything takes).
+//! signal, SIGHUP (which must not stop it) and `POST /admin/shutdown`, with a
+//! request held in flight by a test upstream that answers only when the test
+//! releases it (so no test depends on how long anything takes).
 
 mod sidecar_process;
 mod support;
@@ -245,6 +245,7 @@ async fn a_second_signal_exits_at_once_with_128_plus_the_signal_number() {
     );
 }
 
+
 #[tokio::test]
 async fn sigint_waits_at_most_the_grace_period_then_exits_0() {
     let mut s = setup("grace = \"300ms\"").await;
@@ -292,6 +293,61 @@ async fn post_admin_shutdown_from_loopback_drains_like_sigterm() {
         .text()
         .contains("\"reason\":\"POST /admin/shutdown\""));
 }
+}
+
+/// The SIGHUP lines the sidecar has written so far.
+fn sighup_lines(p: &Process) -> Vec<serde_json::Value> {
+    p.text()
+        .lines()
+        .filter_map(sidecar_process::json_line)
+        .filter(|v| v["signal"] == "SIGHUP")
+        .collect()
+}
+
+#[tokio::test]
+async fn sighup_logs_one_info_line_and_neither_kills_nor_drains() {
+    let mut s = setup("grace = \"20s\"").await;
+    s.sidecar.signal(libc::SIGHUP);
+    // SIGHUP's default action kills the process: without a handler this
+    // fails with "the sidecar's output ended".
+    s.sidecar
+        .wait_line(LIMIT, "the SIGHUP line", |l| {
+            sidecar_process::json_line(l).is_some_and(|v| v["signal"] == "SIGHUP")
+        })
+        .await;
+    let line = &sighup_lines(&s.sidecar)[0];
+    assert_eq!(line["level"], "INFO", "{line}");
+    let message = line["message"].as_str().unwrap();
+    assert!(
+        message.contains("configuration is read at start only"),
+        "{message}"
+    );
+    assert!(
+        message.contains("secret files are re-read on every grant"),
+        "{message}"
+    );
+
+    // Still serving, still ready, not draining.
+    assert_eq!(s.fast_request().await.unwrap(), 200);
+    assert_eq!(readyz(s.admin).await, Some(StatusCode::OK));
+    assert!(!s.sidecar.text().contains("shutdown started"));
+
+    // A second SIGHUP is one more line, not a "second signal".
+    s.sidecar.signal(libc::SIGHUP);
+    support::eventually(LIMIT, "a second SIGHUP line", || {
+        let n = sighup_lines(&s.sidecar).len();
+        async move { n == 2 }
+    })
+    .await;
+    assert_eq!(s.fast_request().await.unwrap(), 200);
+
+    // SIGTERM afterwards is the first shutdown signal: a clean drain, exit 0.
+    s.sidecar.signal(libc::SIGTERM);
+    let exit = s.sidecar.wait_exit(LIMIT).await;
+    assert_eq!(exit.code(), Some(0), "{}", s.sidecar.text());
+    let text = s.sidecar.text();
+    assert!(!text.contains("second signal"), "{text}");
+    assert_eq!(sighup_lines(&s.sidecar).len(), 2, "{text}");
 }
 
 #[tokio::test]

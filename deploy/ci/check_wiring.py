@@ -1,14 +1,16 @@
 """Cross-file checks of deploy/ that no schema validator sees.
 
-Usage: check_wiring.py BASE_RENDERED.yaml PRE129_RENDERED.yaml
-(the outputs of `kubectl kustomize deploy/kubernetes` and of
-`kubectl kustomize deploy/overlays/pre-1.29`; the second may be "-" when
-kustomize is not available). Run from the repository root.
+Usage: check_wiring.py EXAMPLE_RENDERED.yaml PRE129_RENDERED.yaml
+(the outputs of `kubectl kustomize deploy/examples/legacy-app` and of
+`kubectl kustomize deploy/examples/legacy-app-pre-1.29`). Run from the
+repository root.
 
-Checks that the config in the ConfigMap names the files the Deployment mounts,
-that secrets arrive only as files of a directory mount (no subPath, no env),
-that the probes follow deploy/README.md, and that the PrometheusRule wraps
-exactly deploy/prometheus/rules.yaml. Prints one line per problem; exit 1 if any.
+Checks that the example's config in the ConfigMap names the files the
+component mounts, that secrets arrive only as files of a directory mount (no
+subPath, no env), that the probes follow docs/deployment.md, that the
+PodMonitor scrapes the port and pod label the component sets, and that the
+PrometheusRule wraps exactly deploy/prometheus/rules.yaml. Prints one line per
+problem; exit 1 if any.
 """
 
 import sys
@@ -17,6 +19,7 @@ import tomllib
 import yaml
 
 CONFIG_PATH = "/etc/token-sidecar/config.toml"
+ADMIN_PORT_NAME = "sidecar-admin"
 SECRET_DIR = "/etc/token-sidecar/secrets"
 SECRET_KEYS = {"client_secret": "client_secret_file", "password": "password_file"}
 
@@ -53,24 +56,34 @@ def check_base(objects):
 
     secret = objects[("Secret", "token-sidecar-credentials")]
     expect(set(secret.get("stringData", {})) == set(SECRET_KEYS),
-           f"secret.yaml: stringData keys must be {sorted(SECRET_KEYS)}")
+           f"example secret.yaml: stringData keys must be {sorted(SECRET_KEYS)}")
 
     spec = pod_spec(objects)
     sidecars = [c for c in spec.get("initContainers", []) if c["name"] == "token-sidecar"]
-    expect(len(sidecars) == 1, "deployment.yaml: token-sidecar must be an initContainers entry")
+    expect(len(sidecars) == 1, "component: token-sidecar must be an initContainers entry")
     if not sidecars:
         return
     sidecar = sidecars[0]
-    expect(sidecar.get("restartPolicy") == "Always", "deployment.yaml: token-sidecar needs restartPolicy: Always")
-    expect(sidecar.get("args") == ["--config", CONFIG_PATH], f"deployment.yaml: token-sidecar args must be --config {CONFIG_PATH}")
+    expect(sidecar.get("restartPolicy") == "Always", "component: token-sidecar needs restartPolicy: Always")
+    expect(sidecar.get("args") == ["--config", CONFIG_PATH], f"component: token-sidecar args must be --config {CONFIG_PATH}")
     ports = {p.get("name"): p["containerPort"] for p in sidecar.get("ports", [])}
-    expect(ports.get("admin") == admin_port, f"deployment.yaml: port 'admin' must be admin.listen's port {admin_port}")
+    expect(ports.get(ADMIN_PORT_NAME) == admin_port,
+           f"component: port '{ADMIN_PORT_NAME}' must be admin.listen's port {admin_port}")
     for probe, path in (("startupProbe", "/readyz"), ("livenessProbe", "/healthz")):
         get = sidecar.get(probe, {}).get("httpGet", {})
-        expect(get.get("path") == path and get.get("port") == "admin", f"deployment.yaml: {probe} must GET {path} on port admin")
-    expect("readinessProbe" not in sidecar, "deployment.yaml: no token-based readinessProbe by default (deploy/README.md)")
-    annotations = objects[("Deployment", "legacy-app")]["spec"]["template"]["metadata"].get("annotations", {})
-    expect(annotations.get("prometheus.io/port") == str(admin_port), "deployment.yaml: prometheus.io/port must be the admin port")
+        expect(get.get("path") == path and get.get("port") == ADMIN_PORT_NAME,
+               f"component: {probe} must GET {path} on port {ADMIN_PORT_NAME}")
+    expect("readinessProbe" not in sidecar, "component: no token-based readinessProbe by default (docs/deployment.md)")
+    template = objects[("Deployment", "legacy-app")]["spec"]["template"]["metadata"]
+    expect(not any(k.startswith("prometheus.io/") for k in template.get("annotations", {})),
+           "component: no prometheus.io/* annotations (they would collide with the app's own)")
+    with open("deploy/kubernetes/monitoring/podmonitor.yaml") as f:
+        podmonitor = yaml.safe_load(f)
+    wanted = podmonitor["spec"]["selector"]["matchLabels"]
+    expect(all(template.get("labels", {}).get(k) == v for k, v in wanted.items()),
+           f"podmonitor.yaml selects {wanted}, which the component does not put on the pod")
+    expect([e.get("port") for e in podmonitor["spec"]["podMetricsEndpoints"]] == [ADMIN_PORT_NAME],
+           f"podmonitor.yaml must scrape port {ADMIN_PORT_NAME}")
 
     # Where each file lands: mountPath + projected item path.
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -96,15 +109,16 @@ def check_base(objects):
             if "configMap" in volume:
                 landed[f"{mount['mountPath']}/config.toml"] = ("configMap", volume["configMap"]["name"], "config.toml")
     expect(landed.get(CONFIG_PATH) == ("configMap", "token-sidecar-config", "config.toml"),
-           f"deployment.yaml: {CONFIG_PATH} is not the ConfigMap's config.toml")
+           f"component: {CONFIG_PATH} is not the ConfigMap's config.toml")
     for key in SECRET_KEYS:
         expect(landed.get(f"{SECRET_DIR}/{key}") == ("secret", "token-sidecar-credentials", key),
-               f"deployment.yaml: {SECRET_DIR}/{key} is not the Secret's {key}")
+               f"component: {SECRET_DIR}/{key} is not the Secret's {key}")
 
 
 def check_pre129(objects):
     spec = pod_spec(objects)
-    expect(not spec.get("initContainers"), "pre-1.29: no initContainers expected")
+    expect(all(c["name"] != "token-sidecar" for c in spec.get("initContainers", [])),
+           "pre-1.29: token-sidecar must not be an init container")
     sidecar = next((c for c in spec["containers"] if c["name"] == "token-sidecar"), None)
     expect(sidecar is not None, "pre-1.29: token-sidecar must be a plain container")
     if sidecar:
@@ -124,8 +138,7 @@ def check_rules():
 
 def main():
     check_base(load_all(sys.argv[1]))
-    if sys.argv[2] != "-":
-        check_pre129(load_all(sys.argv[2]))
+    check_pre129(load_all(sys.argv[2]))
     check_rules()
     for problem in problems:
         print(problem)

@@ -36,9 +36,14 @@ impl Process {
     /// Starts the binary with `toml` as its config (JSON logs are forced) and
     /// `env` added to a cleaned environment; returns once it listens.
     pub async fn spawn(toml: &str, env: &[(&str, &str)]) -> Process {
+        Self::spawn_with(toml, env, &[]).await
+    }
+
+    /// Like [`Self::spawn`], with the variables named in `unset` removed too.
+    pub async fn spawn_with(toml: &str, env: &[(&str, &str)], unset: &[&str]) -> Process {
         let toml = toml.replace("format = \"text\"", "format = \"json\"");
         let mut inner = sidecar_process::Process::run_config(&toml, |cmd| {
-            for v in PROXY_VARS {
+            for v in PROXY_VARS.iter().chain(unset) {
                 cmd.env_remove(v);
             }
             for (k, v) in env {
@@ -85,6 +90,14 @@ impl Process {
 
     pub fn text(&self) -> String {
         self.inner.text()
+    }
+
+    /// The first JSON log event whose `message` is `message` (panics if none).
+    pub fn event(&self, message: &str) -> serde_json::Value {
+        self.lines()
+            .into_iter()
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in\n{}", self.text()))
     }
 
     /// Every output line that is a JSON log event.

@@ -307,7 +307,8 @@ async fn the_documented_paymentiq_example_byte_for_byte() {
     );
     let running = support::start_sidecar(&config).await;
     running
-        .token
+        .token("default")
+        .expect("profile default")
         .wait_usable(0, Duration::from_secs(10))
         .await
         .expect("a token");
@@ -341,7 +342,8 @@ async fn query_params_follow_a_query_the_token_url_already_has() {
     );
     let running = support::start_sidecar(&config).await;
     running
-        .token
+        .token("default")
+        .expect("profile default")
         .wait_usable(0, Duration::from_secs(10))
         .await
         .expect("a token");

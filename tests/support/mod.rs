@@ -410,7 +410,11 @@ impl Harness {
 
     /// Waits until the sidecar holds a token.
     pub async fn ready(&self) {
-        let token = self.running().token.clone();
+        let token = self
+            .running()
+            .token("default")
+            .expect("profile default")
+            .clone();
         token
             .wait_usable(0, Duration::from_secs(10))
             .await

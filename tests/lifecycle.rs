@@ -471,6 +471,133 @@ async fn refused_refresh_token_falls_back_to_the_password_grant_at_once() {
     }
 }
 
+// ---------------------------------------------------------------- client_credentials
+
+/// The settings of a client_credentials profile: no password.
+fn client_credentials() -> Settings {
+    Settings {
+        name: "merchants".into(),
+        table: "credentials.merchants".into(),
+        grant: GrantKind::ClientCredentials,
+        password: None,
+        ..settings()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_credentials_refreshes_with_a_new_grant_when_no_refresh_token_was_issued() {
+    // RFC 6749 4.4.3: a refresh token should not be issued.
+    let endpoint = Endpoint::new(S(100));
+    endpoint.with(|s| s.issue_refresh = false);
+    let sidecar = start(&endpoint, client_credentials(), half);
+    generation(&sidecar, 4, S(400)).await;
+    let calls = endpoint.calls();
+    let times: Vec<_> = calls.iter().map(|c| (c.at, c.grant)).collect();
+    // The same schedule as the password grant's refreshes.
+    let every = token_sidecar::token::schedule::refresh_after(S(100), 0.5, &defaults());
+    assert_eq!(every, MS(67_500));
+    assert_eq!(
+        times[..4],
+        [0, 1, 2, 3].map(|k| (every * k, GrantKind::ClientCredentials))
+    );
+    let m = sidecar.metrics.render(&[("merchants", true)]);
+    assert!(
+        m.contains("token_sidecar_token_requests_total{credentials=\"merchants\",grant=\"client_credentials\",outcome=\"success\"} 4"),
+        "{m}"
+    );
+    assert!(!m.contains("grant=\"password\""), "{m}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_credentials_refreshes_with_the_refresh_token_if_one_was_issued() {
+    let endpoint = Endpoint::new(S(100));
+    endpoint.with(|s| {
+        s.script = [
+            Answer::Issue,
+            Answer::Issue,
+            Answer::Rejected(400, "invalid_grant"),
+        ]
+        .into()
+    });
+    let sidecar = start(&endpoint, client_credentials(), half);
+    generation(&sidecar, 3, S(400)).await;
+    let calls = endpoint.calls();
+    let grants: Vec<_> = calls
+        .iter()
+        .map(|c| (c.grant, c.refresh_token.as_deref()))
+        .collect();
+    // Refresh token; then one refused: a new client_credentials grant at once.
+    assert_eq!(
+        grants[..4],
+        [
+            (GrantKind::ClientCredentials, None),
+            (GrantKind::RefreshToken, Some("refresh-1")),
+            (GrantKind::RefreshToken, Some("refresh-2")),
+            (GrantKind::ClientCredentials, None),
+        ]
+    );
+    assert_eq!(
+        calls[3].at, calls[2].at,
+        "the grant follows the refusal at once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_client_is_a_permanent_error_retried_slowly() {
+    // invalid_client in a 401 (RFC 6749 5.2), and invalid_grant, which a
+    // grant without a user can only mean of the client.
+    for (status, code) in [
+        (401, "invalid_client"),
+        (400, "invalid_grant"),
+        (400, "unauthorized_client"),
+    ] {
+        let endpoint = Endpoint::new(S(100));
+        endpoint.with(|s| s.down = Some(Answer::Rejected(status, code)));
+        let sidecar = start(&endpoint, client_credentials(), half);
+        at(&endpoint, S(200)).await;
+        let calls = endpoint.calls();
+        let times: Vec<_> = calls.iter().map(|c| (c.at, c.grant)).collect();
+        // rejected_backoff from 1 min (jitter 0.5: 90 s), not backoff_max_without_token.
+        assert_eq!(
+            times,
+            [
+                (S(0), GrantKind::ClientCredentials),
+                (S(90), GrantKind::ClientCredentials),
+            ],
+            "{code}"
+        );
+        let status = sidecar.token.status();
+        assert_eq!(
+            status.last_cause,
+            Some(token_sidecar::token::Cause::ClientRefused),
+            "{code}"
+        );
+        assert_eq!(
+            status.last_cause.unwrap().hint_in("credentials.merchants"),
+            "the client id or client secret is wrong (credentials.merchants.client_id, \
+             credentials.merchants.client_secret, credentials.merchants.client_auth), or the client \
+             may not use this grant"
+        );
+        // Upstream 401s do not hurry it.
+        sidecar.token.invalidate(0);
+        at(&endpoint, S(100)).await;
+        assert_eq!(endpoint.calls().len(), 2, "{code}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_401_makes_client_credentials_grant_first() {
+    let endpoint = Endpoint::new(S(100));
+    let sidecar = start(&endpoint, client_credentials(), half);
+    generation(&sidecar, 1, S(1)).await;
+    at(&endpoint, S(10)).await;
+    sidecar.token.invalidate(1);
+    generation(&sidecar, 2, S(2)).await;
+    let calls = endpoint.calls();
+    assert_eq!(calls[1].grant, GrantKind::ClientCredentials);
+    assert_eq!(calls[1].at, S(10));
+}
+
 #[tokio::test(start_paused = true)]
 async fn same_token_answer_keeps_generation_and_expiry_then_uses_the_refresh_token() {
     let endpoint = Endpoint::new(S(100));

@@ -18,7 +18,11 @@
 # (c) the peer forgets its refresh tokens: still every request 200, the password grant takes
 # over; (d) wrong password, wrong client secret: /readyz 503, the "token request rejected"
 # log line with the OAuth error code, local 503s, no crash loop, no login storm; (e) a client
-# secret with reserved characters, with the client_auth setting this peer needs.
+# secret with reserved characters, with the client_auth setting this peer needs; (f) the
+# client_credentials grant (RFC 6749 4.4), configured as a [credentials.NAME] profile behind a
+# [route.NAME] with prefix /peer/: steady traffic, every request 200, a new client_credentials
+# grant for each token (the peers issue no refresh token with it), the revocation replay, and a
+# wrong client secret refused as in (d).
 # Env: STEADY_SECONDS (16), AFTER_FORGET_SECONDS (6), RATE (20 req/s), PEERS ("node authlib"),
 #      KEEP_WORK=1 (keep the temp dir with configs and logs).
 set -euo pipefail
@@ -168,6 +172,35 @@ password_file = "$4"
 params_in = "form"
 client_auth = "$5"
 timeout = "10s"
+
+[log]
+format = "json"
+level = "info"
+EOF
+}
+
+write_cc_config() { # file client_id secret_file: the routes form, one client_credentials profile
+  cat > "$1" <<EOF
+[proxy]
+listen = "127.0.0.1:$SIDE_PORT"
+retry_on_401 = "invalid_token"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+
+[credentials.peer]
+grant = "client_credentials"
+token_url = "http://127.0.0.1:$PEER_PORT/oauth/token"
+client_id = "$2"
+client_secret_file = "$3"
+params_in = "form"
+client_auth = "basic"
+timeout = "10s"
+
+[route.peer]
+prefix = "/peer/"
+upstream = "http://127.0.0.1:$PEER_PORT/"
+credentials = "peer"
 
 [log]
 format = "json"
@@ -358,11 +391,78 @@ run_peer() {
     check "$name (e) client_auth=\"$odd_auth\" with secret '$ODD_SECRET': /readyz 200" false
   fi
   stop_sidecar
+
+  # (f) the client_credentials grant, behind a route with a prefix
+  write_cc_config "$PW/cc-good.toml" "$CLIENT_ID" "$PW/client_secret"
+  write_cc_config "$PW/cc-bad-secret.toml" "$CLIENT_ID" "$PW/client_secret.wrong"
+  echo "-- $name (f) client_credentials: ${STEADY_SECONDS}s of steady requests at ${RATE}/s on route /peer/"
+  local cc0 cc1 req_f non_f bad_f side_cc side_cc_rt req_fr non_fr bad_fr retries_f0 retries_f cc_proxied
+  cc0=$(stat_of "d['client_credentials']")
+  start_sidecar cc-good "$PW/cc-good.toml"
+  if H wait-status "$ADMIN/readyz" 200 20 "$SIDE_PID"; then
+    check "$name (f) client_credentials sidecar ready (/readyz 200)" true
+    H load "$SIDE/peer/api/echo" "$STEADY_SECONDS" "$RATE" "$PW/load-f.json" /api/echo
+    req_f=$(H json "$PW/load-f.json" "d['requests']")
+    non_f=$(H json "$PW/load-f.json" "d['non_200'] + d['transport_errors']")
+    bad_f=$(H json "$PW/load-f.json" "d['bad_bodies']")
+    echo "   $(H json "$PW/load-f.json" "{k: d[k] for k in ('requests', 'statuses', 'transport_errors', 'max_latency_ms', 'seconds')}")"
+    check "$name (f) $req_f requests on /peer/ (>= $min_req), every one 200 from the peer at /api/echo" \
+      test "$non_f" -eq 0 -a "$bad_f" -eq 0 -a "$req_f" -ge "$min_req"
+    [[ $non_f == 0 && $bad_f == 0 ]] || echo "   first failures: $(H json "$PW/load-f.json" "d['first_failures']")"
+    cc1=$(stat_of "d['client_credentials']")
+    side_cc=$(metric_of token_sidecar_token_requests_total credentials=peer grant=client_credentials outcome=success)
+    side_cc_rt=$(metric_of token_sidecar_token_requests_total credentials=peer grant=refresh_token)
+    check "$name (f) a new client_credentials grant per 3 s token (peer $((cc1 - cc0)) >= 3, sidecar $side_cc >= 3, refresh_token grants $side_cc_rt)" \
+      test $((cc1 - cc0)) -ge 3 -a "$side_cc" -ge 3 -a "$side_cc_rt" -eq 0
+
+    echo "-- $name (f) peer revokes every access token at the next API request; 3s more"
+    retries_f0=$(metric_of token_sidecar_upstream_retries_total reason=401)
+    H post "$PEER/_admin/revoke-access" > /dev/null
+    H load "$SIDE/peer/api/echo" 3 "$RATE" "$PW/load-fr.json" /api/echo
+    req_fr=$(H json "$PW/load-fr.json" "d['requests']")
+    non_fr=$(H json "$PW/load-fr.json" "d['non_200'] + d['transport_errors']")
+    bad_fr=$(H json "$PW/load-fr.json" "d['bad_bodies']")
+    retries_f=$(metric_of token_sidecar_upstream_retries_total reason=401)
+    echo "   $(H json "$PW/load-fr.json" "{k: d[k] for k in ('requests', 'statuses', 'transport_errors', 'max_latency_ms', 'seconds')}")"
+    check "$name (f) $req_fr requests after the revocation, every one 200 ($((retries_f - retries_f0)) replayed after a 401)" \
+      test "$non_fr" -eq 0 -a "$bad_fr" -eq 0 -a "$retries_f" -gt "$retries_f0"
+    [[ $non_fr == 0 && $bad_fr == 0 ]] || echo "   first failures: $(H json "$PW/load-fr.json" "d['first_failures']")"
+    cc_proxied=$(metric_of token_sidecar_proxy_requests_total route=peer status_class=2xx)
+    check "$name (f) sidecar still running" alive "$SIDE_PID"
+  else
+    check "$name (f) client_credentials sidecar ready (/readyz 200)" false
+    req_f=0 non_f=0 bad_f=0 req_fr=0 non_fr=0 bad_fr=0 cc_proxied=0 cc1=$cc0 retries_f0=0 retries_f=0
+  fi
+  stop_sidecar
+
+  echo "-- $name (f) client_credentials with a wrong client secret (the peer answers $wrong_client_error)"
+  before=$(rejected_of client_credentials)
+  start_sidecar cc-bad-secret "$PW/cc-bad-secret.toml"
+  check "$name (f) wrong client secret: /readyz 503 within 5s" H wait-status "$ADMIN/readyz" 503 5 "$SIDE_PID"
+  ok_line=false
+  for _ in $(seq 1 50); do
+    if H log-rejected "$SIDE_LOG" | grep -q -- "^ERROR client_credentials $wrong_client_error\$"; then ok_line=true; break; fi
+    sleep 0.1
+  done
+  lines=$(H log-rejected "$SIDE_LOG" | sort | uniq -c | sed 's/^ *//' | paste -sd';' -)
+  check "$name (f) wrong client secret: ERROR \"token request rejected\" grant=client_credentials error=$wrong_client_error [${lines:-none}]" $ok_line
+  H probe "$SIDE/peer/api/echo" "$PW/probe-cc.json" &
+  local probe_cc=$!
+  check "$name (f) wrong client secret: never ready over 5s" H never-status "$ADMIN/readyz" 200 5
+  wait "$probe_cc" || true
+  check "$name (f) wrong client secret: proxied request answered $(H json "$PW/probe-cc.json" "str(d['status']) + ' after ' + str(d['elapsed_ms']) + ' ms: ' + d['body'][:40]")" \
+    test "$(H json "$PW/probe-cc.json" "str(d['status']) + ':' + str('retry-after' in d['headers'])")" = "503:True"
+  check "$name (f) wrong client secret: still running (no crash loop)" alive "$SIDE_PID"
+  after=$(rejected_of client_credentials)
+  check "$name (f) wrong client secret: no login storm ($((after - before)) refused client_credentials grants, <= 3)" \
+    test $((after - before)) -ge 1 -a $((after - before)) -le 3
+  stop_sidecar
   stop_pid "$peer_pid"
 
   local grants
   grants=$(H json "$PW/stats-steady.json" "{'password': d['password'], 'refresh_token': d['refresh_token'], 'rejected': d['rejected']}")
   SUMMARY+=("$name ($version): requests $((req_a + req_r + req_c)), non-200 $((non_a + non_r + non_c + bad_a + bad_r + bad_c)), grants $grants, proxied 2xx $proxied, upstream 401 replays $retries")
+  SUMMARY+=("$name client_credentials: requests $((req_f + req_fr)), non-200 $((non_f + non_fr + bad_f + bad_fr)), client_credentials grants $((cc1 - cc0)), proxied 2xx $cc_proxied, upstream 401 replays $((retries_f - retries_f0))")
   if [[ $FAIL -gt $fails_before ]]; then
     show_logs "$PW/peer.log" "$PW"/sidecar-*.log
   fi

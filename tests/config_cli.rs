@@ -611,6 +611,76 @@ fn the_shipped_config_toml_passes_with_its_secret_files_provided() {
     }
 }
 
+#[test]
+fn the_routes_form_shown_in_config_toml_passes_in_place_of_the_single_upstream_form() {
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
+        .unwrap();
+    let (active, rest) = shipped
+        .split_once("# ---- The routes form")
+        .expect("config.toml shows the routes form");
+    let (block, after) = rest
+        .split_once("# ---- end of the routes form")
+        .expect("the end of the routes form");
+    let uncommented: String = block
+        .lines()
+        .skip_while(|l| !l.starts_with("# ["))
+        .map(|l| l.strip_prefix("# ").or(l.strip_prefix('#')).unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // The file without proxy.upstream and [oauth], with the routes instead.
+    let without_oauth = active
+        .split_once("\n[oauth]")
+        .map(|(before, _)| before)
+        .expect("an [oauth] table");
+    let without_upstream: String = without_oauth
+        .lines()
+        .filter(|l| !l.starts_with("upstream = "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let after = after.split_once('\n').map_or("", |(_, rest)| rest);
+    let toml = format!("{without_upstream}\n{uncommented}\n{after}");
+    assert!(
+        !toml.lines().any(|l| l.starts_with("[oauth]")) && toml.contains("\n[route.merchants]"),
+        "{toml}"
+    );
+
+    let dir = TempDir::new().unwrap();
+    let secret = |name: &str| write(dir.path(), name, "s3cret\n");
+    let files = [
+        (
+            "TOKEN_SIDECAR_CREDENTIALS__PAYMENTIQ__CLIENT_SECRET_FILE",
+            secret("client_secret"),
+        ),
+        (
+            "TOKEN_SIDECAR_CREDENTIALS__PAYMENTIQ__PASSWORD_FILE",
+            secret("password"),
+        ),
+        (
+            "TOKEN_SIDECAR_CREDENTIALS__MERCHANTS__CLIENT_SECRET_FILE",
+            secret("merchants_client_secret"),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(k, v)| (*k, v.to_str().unwrap()))
+        .collect();
+    let (out, _dir) = check_toml(&toml, &env);
+    assert_eq!(out.code, 0, "{out:?}\n{toml}");
+    assert!(out.stdout.contains("configuration is valid"), "{out:?}");
+    // Without the secret files, the problems name the profiles' keys.
+    let (out, _dir) = check_toml(&toml, &[]);
+    if !Path::new("/etc/token-sidecar/secrets/password").exists() {
+        assert_problems(
+            &out,
+            &[
+                "credentials.paymentiq.client_secret_file (",
+                "credentials.paymentiq.password_file (",
+                "credentials.merchants.client_secret_file (",
+            ],
+        );
+    }
+}
+
 /// The real binary running (no subcommand); killed when dropped.
 struct Sidecar {
     child: Child,

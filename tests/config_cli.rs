@@ -613,8 +613,8 @@ fn the_shipped_config_toml_passes_with_its_secret_files_provided() {
 
 #[test]
 fn the_routes_form_shown_in_config_toml_passes_in_place_of_the_single_upstream_form() {
-    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
-        .unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
     let (active, rest) = shipped
         .split_once("# ---- The routes form")
         .expect("config.toml shows the routes form");

@@ -149,14 +149,7 @@ impl Two {
     }
 
     async fn metrics(&self) -> String {
-        support::client()
-            .get(format!("http://{}/metrics", self.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        support::scrape(self.admin).await
     }
 
     /// Neither backoffice rejected a token.
@@ -570,14 +563,7 @@ async fn the_single_upstream_form_keeps_its_answers_and_series_with_the_new_labe
     let r = c.get(h.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 403, "under the route, outside allow_paths");
 
-    let text = support::client()
-        .get(h.admin_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::scrape(h.admin).await;
     // Every route and credentials label is the one route's and profile's
     // (and "" for the no-route series, at zero).
     let mut routes = BTreeSet::new();

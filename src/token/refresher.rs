@@ -51,8 +51,9 @@
 //! 503, and the first attempt after the endpoint comes back ends the outage.
 //!
 //! Secrets: the client secret and the password (of a password-grant
-//! profile) are read right before every attempt ([`LiveSecret`]); a file found unreadable or empty is logged and
-//! counted, and its last good value is sent instead.
+//! profile) are read right before every attempt ([`LiveSecret`]); a file
+//! found unreadable or empty is logged and counted, and its last good value
+//! is sent instead.
 //!
 //! Supervision: the loop runs in a task of its own under [`supervise`]. If it
 //! ever panics, it is restarted with backoff (a fresh loop that logs in

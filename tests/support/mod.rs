@@ -544,6 +544,18 @@ where
     }
 }
 
+/// The `/metrics` page of the admin listener at `admin`.
+pub async fn scrape(admin: SocketAddr) -> String {
+    client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("the admin listener answers")
+        .text()
+        .await
+        .expect("a text page")
+}
+
 /// The value of one sample line of a Prometheus text page, e.g.
 /// `metric(&text, "token_sidecar_token_requests_total{grant=\"password\",outcome=\"success\"}")`.
 pub fn metric(text: &str, series: &str) -> Option<f64> {

@@ -45,7 +45,7 @@ scrape=$(curl -sf "http://127.0.0.1:$admin_port/metrics")
 echo "promtool check metrics on a scrape of token-sidecar demo ($(grep -c '^# TYPE' <<<"$scrape") families, $(grep -vc '^#' <<<"$scrape") samples):"
 promtool check metrics <<<"$scrape"
 echo "promtool check metrics: OK (no errors, no lint findings)"
-grep -E '^token_sidecar_(proxy_requests_total\{status_class="2xx"\}|local_responses_total\{error="bad_request"\}|token_valid) ' <<<"$scrape"
+grep -E '^token_sidecar_(proxy_requests_total\{route="default",status_class="2xx"\}|local_responses_total\{error="bad_request",route="default"\}|token_valid\{credentials="default"\}) ' <<<"$scrape"
 
 # The demo stops cleanly on SIGTERM with status 0.
 kill -TERM "$pid"

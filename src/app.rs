@@ -11,14 +11,14 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::admin::Admin;
-use crate::config::Config;
+use crate::admin::{Admin, RouteInfo};
+use crate::config::{Config, CredentialsConfig};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::proxy::RouteSpec;
 use crate::serve::Server;
 use crate::token::client::{HttpTokenClient, TokenEndpoint};
-use crate::token::{refresher, TokenHandle};
+use crate::token::{refresher, GrantKind, Profile, TokenHandle};
 
 /// Name of the runtime's threads (at most 15 bytes: Linux truncates
 /// `/proc/PID/task/TID/comm` there).
@@ -51,8 +51,12 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
-    #[error("cannot build the token endpoint client")]
-    Client(#[source] reqwest::Error),
+    #[error("credentials {profile}: cannot build the token endpoint client")]
+    Client {
+        profile: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("cannot set up the upstream client")]
     Upstream(#[source] crate::proxy::BuildError),
 }
@@ -64,12 +68,13 @@ pub struct Running {
     /// The addresses of the routes that have one of their own.
     pub route_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
-    pub token: Arc<TokenHandle>,
+    /// The credentials profiles, in the order of the configuration.
+    pub profiles: Vec<Arc<Profile>>,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Arc<Lifecycle>,
     proxy_server: Server,
     admin_server: Server,
-    refresher: JoinHandle<()>,
+    refreshers: Vec<JoinHandle<()>>,
     drain_delay: Duration,
     grace: Duration,
 }
@@ -83,22 +88,33 @@ pub async fn start(config: &Config) -> Result<Running, StartError> {
 /// signal handlers on it first, so a SIGTERM that arrives while the sidecar
 /// starts drains it instead of killing it.
 pub async fn start_in(config: &Config, lifecycle: Arc<Lifecycle>) -> Result<Running, StartError> {
-    let tls = crate::tls::client_config(config.oauth.ca_file.as_deref())?;
-    let endpoint = HttpTokenClient::new(config.oauth.clone(), tls).map_err(StartError::Client)?;
-    start_inner(config, endpoint, lifecycle).await
+    let mut endpoints = Vec::new();
+    for profile in &config.credentials {
+        let tls = crate::tls::client_config(profile.ca_file.as_deref())?;
+        let endpoint =
+            HttpTokenClient::new(profile.clone(), tls).map_err(|source| StartError::Client {
+                profile: profile.name.clone(),
+                source,
+            })?;
+        endpoints.push(endpoint);
+    }
+    start_inner(config, endpoints, lifecycle).await
 }
 
-/// Starts with any token endpoint (tests use in-memory ones).
+/// Starts with any token endpoints, one made by `endpoint` for each
+/// credentials profile (tests use in-memory ones).
 pub async fn start_with<E: TokenEndpoint>(
     config: &Config,
-    endpoint: E,
+    endpoint: impl FnMut(&CredentialsConfig) -> E,
 ) -> Result<Running, StartError> {
-    start_inner(config, endpoint, Arc::new(Lifecycle::new())).await
+    let endpoints = config.credentials.iter().map(endpoint).collect();
+    start_inner(config, endpoints, Arc::new(Lifecycle::new())).await
 }
 
+/// `endpoints`: one per credentials profile, in the configuration's order.
 async fn start_inner<E: TokenEndpoint>(
     config: &Config,
-    endpoint: E,
+    endpoints: Vec<E>,
     lifecycle: Arc<Lifecycle>,
 ) -> Result<Running, StartError> {
     // Bind first: a port in use must fail start-up before any token request.
@@ -146,15 +162,38 @@ async fn start_inner<E: TokenEndpoint>(
         })?;
 
     let metrics = Arc::new(Metrics::new());
-    let settings = refresher::Settings::from_config(config);
-    let (token, refresher) = refresher::spawn(endpoint, settings, metrics.clone(), fastrand::f64);
+    // One token task per credentials profile.
+    let mut profiles = Vec::new();
+    let mut refreshers = Vec::new();
+    for (profile, endpoint) in config.credentials.iter().zip(endpoints) {
+        let settings = refresher::Settings::from_profile(profile, &config.refresh);
+        let (token, task) = refresher::spawn(endpoint, settings, &metrics, fastrand::f64);
+        refreshers.push(task);
+        profiles.push(Arc::new(Profile {
+            name: profile.name.clone(),
+            table: profile.table.clone(),
+            grant: GrantKind::of(&profile.login),
+            required: profile.required,
+            routes: config
+                .routes
+                .iter()
+                .filter(|r| r.credentials == profile.name)
+                .map(|r| r.name.clone())
+                .collect(),
+            token,
+        }));
+    }
 
+    // Each route with its profile's token (validation saw that it exists).
     let specs = config
         .routes
         .iter()
-        .map(|route| RouteSpec {
-            config: route.clone(),
-            token: token.clone(),
+        .filter_map(|route| {
+            let profile = profiles.iter().find(|p| p.name == route.credentials)?;
+            Some(RouteSpec {
+                config: route.clone(),
+                token: profile.token.clone(),
+            })
         })
         .collect();
     let listeners =
@@ -183,23 +222,33 @@ async fn start_inner<E: TokenEndpoint>(
 
     let mut admin_server = Server::new();
     Admin {
-        token: token.clone(),
+        profiles: profiles.clone(),
+        routes: config
+            .routes
+            .iter()
+            .map(|r| RouteInfo::new(r, &metrics))
+            .collect(),
         metrics: metrics.clone(),
         lifecycle: lifecycle.clone(),
         allow_remote_control: config.admin.allow_remote_control,
     }
     .spawn(&mut admin_server, admin_listener);
-    info!(proxy = ?proxy_addrs, routes = ?route_addrs, admin = %admin_addr, upstream = %config.proxy.upstream, "listening");
+    for route in &config.routes {
+        info!(route = route.name.as_str(), prefix = route.prefix.as_str(),
+            upstream = %route.upstream, credentials = route.credentials.as_str(),
+            listen = route.listen.map(|a| a.to_string()), "route");
+    }
+    info!(proxy = ?proxy_addrs, routes = ?route_addrs, admin = %admin_addr, "listening");
     Ok(Running {
         proxy_addrs,
         route_addrs,
         admin_addr,
-        token,
+        profiles,
         metrics,
         lifecycle,
         proxy_server,
         admin_server,
-        refresher,
+        refreshers,
         drain_delay: config.shutdown.drain_delay,
         grace: config.shutdown.grace,
     })
@@ -211,6 +260,14 @@ fn ipv6_unavailable(e: &io::Error) -> bool {
 }
 
 impl Running {
+    /// The token of the credentials profile `name`, if there is one.
+    pub fn token(&self, name: &str) -> Option<&Arc<TokenHandle>> {
+        self.profiles
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| &p.token)
+    }
+
     /// Runs until shutdown begins (signal or `POST /admin/shutdown`), then:
     /// `/readyz` is already 503; keep accepting for `shutdown.drain_delay`;
     /// stop accepting; give in-flight requests `shutdown.grace`; return.
@@ -240,7 +297,9 @@ impl Running {
             warn!("grace period over; closing the remaining connections");
         }
         self.admin_server.shutdown(Duration::from_millis(100)).await;
-        self.refresher.abort();
+        for task in &self.refreshers {
+            task.abort();
+        }
     }
 }
 

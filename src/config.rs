@@ -1,5 +1,13 @@
 //! Configuration: one TOML file, overridden by `TOKEN_SIDECAR_<SECTION>__<KEY>`
-//! environment variables, read with figment.
+//! environment variables (`TOKEN_SIDECAR_<SECTION>__<NAME>__<KEY>` for the
+//! keys of a named route or credentials profile), read with figment.
+//!
+//! Two forms say where requests go. The single-upstream form
+//! (`proxy.upstream` with `[oauth]`) is one route, `default`, for `/`, with
+//! one credentials profile, `default`. The routes form names any number of
+//! `[credentials.NAME]` profiles (token sources) and `[route.NAME]` routes
+//! (a prefix, an upstream and the profile whose token it gets). A file uses
+//! one form or the other, never both.
 //!
 //! The loader reads key by key instead of deserializing whole structs, so that
 //! one pass reports *every* problem (serde's derive stops at the first), each
@@ -36,19 +44,25 @@ pub struct Config {
     /// Where requests go: at least one route. The single-upstream form
     /// (`proxy.upstream` with `[oauth]`) is one route, `default`, for `/`.
     pub routes: Vec<RouteConfig>,
+    /// The token sources: at least one. The single-upstream form's
+    /// `[oauth]` is one profile, `default`.
+    pub credentials: Vec<CredentialsConfig>,
+    /// The file uses the single-upstream form.
+    pub single_upstream: bool,
     pub admin: AdminConfig,
-    pub oauth: OAuthConfig,
     pub refresh: RefreshConfig,
     pub shutdown: ShutdownConfig,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
 }
 
+/// The listener and the settings every route shares; the per-route keys
+/// here (`allow_paths`, `retry_on_401`, `retry_body_limit`,
+/// `request_timeout`, `forwarded_headers`, `ca_file`) are the defaults of
+/// the routes that do not set them.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub listen: Vec<SocketAddr>,
-    /// Base URL; its path always ends in `/`.
-    pub upstream: Url,
     pub connect_timeout: Duration,
     /// Until the upstream's response headers arrive.
     pub request_timeout: Duration,
@@ -99,14 +113,14 @@ pub struct RouteConfig {
 }
 
 impl RouteConfig {
-    /// The route the single-upstream form means: `default`, for `/`, with
-    /// the `[proxy]` settings.
-    pub fn single(proxy: &ProxyConfig) -> RouteConfig {
+    /// The route the single-upstream form means: `default`, for `/`, to
+    /// `proxy.upstream`, with the `[proxy]` settings.
+    pub fn single(upstream: Url, proxy: &ProxyConfig) -> RouteConfig {
         RouteConfig {
-            name: "default".into(),
+            name: DEFAULT_NAME.into(),
             prefix: "/".into(),
-            upstream: proxy.upstream.clone(),
-            credentials: "default".into(),
+            upstream,
+            credentials: DEFAULT_NAME.into(),
             listen: None,
             allow_paths: proxy.allow_paths.clone(),
             retry_on_401: proxy.retry_on_401,
@@ -124,13 +138,26 @@ pub struct AdminConfig {
     pub allow_remote_control: bool,
 }
 
+/// The name of the one route and the one credentials profile of the
+/// single-upstream form.
+pub const DEFAULT_NAME: &str = "default";
+
+/// One credentials profile: a token endpoint, a client and the grant to
+/// log in with. Each has a token task of its own.
 #[derive(Debug, Clone)]
-pub struct OAuthConfig {
+pub struct CredentialsConfig {
+    /// The profile's name, in metrics, logs and `/status`.
+    pub name: String,
+    /// Where its keys are in the configuration: `oauth` in the
+    /// single-upstream form, else `credentials.NAME`. Error hints and
+    /// secret file counters name keys under it.
+    pub table: String,
+    pub login: Login,
+    /// Whether `/readyz` waits for this profile's token (when a route uses it).
+    pub required: bool,
     pub token_url: Url,
     pub client_id: String,
     pub client_secret: SecretSource,
-    pub username: String,
-    pub password: SecretSource,
     pub params_in: ParamsIn,
     pub client_auth: ClientAuth,
     pub scope: String,
@@ -138,6 +165,27 @@ pub struct OAuthConfig {
     pub default_lifetime: Duration,
     pub ca_file: Option<PathBuf>,
     pub extra_params: BTreeMap<String, String>,
+}
+
+/// The grant a profile logs in with, and what only that grant needs.
+#[derive(Debug, Clone)]
+pub enum Login {
+    /// RFC 6749 4.3, the resource owner password credentials grant: the
+    /// backoffice user's name and password.
+    Password {
+        username: String,
+        password: SecretSource,
+    },
+    /// RFC 6749 4.4: the client authenticates as itself, no user.
+    ClientCredentials,
+}
+
+/// The `grant` key of a credentials profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum GrantChoice {
+    Password,
+    ClientCredentials,
 }
 
 #[derive(Debug, Clone)]
@@ -329,10 +377,8 @@ pub fn load_with_env(fig: Figment, env_names: &[String]) -> Result<Loaded, Confi
     // Defaults stand next to the key they belong to; README and config.toml
     // document the same values.
     let proxy_listen = r.listen("proxy.listen", &["127.0.0.1:7080", "[::1]:7080"]);
-    let upstream = r.url("proxy.upstream", true);
     let proxy = ProxyConfig {
         listen: proxy_listen,
-        upstream: upstream.unwrap_or_else(placeholder_url),
         connect_timeout: r.duration("proxy.connect_timeout", "5s"),
         request_timeout: r.duration("proxy.request_timeout", "60s"),
         body_idle_timeout: r.duration("proxy.body_idle_timeout", "60s"),
@@ -359,21 +405,7 @@ pub fn load_with_env(fig: Figment, env_names: &[String]) -> Result<Loaded, Confi
     if r.list_len("admin.listen") > 1 {
         r.problem("admin.listen", "takes one address");
     }
-    let token_url = r.url("oauth.token_url", false);
-    let oauth = OAuthConfig {
-        token_url: token_url.unwrap_or_else(placeholder_url),
-        client_id: r.required_string("oauth.client_id"),
-        client_secret: r.secret("oauth.client_secret", "oauth.client_secret_file"),
-        username: r.required_string("oauth.username"),
-        password: r.secret("oauth.password", "oauth.password_file"),
-        params_in: r.value("oauth.params_in", ParamsIn::Form),
-        client_auth: r.value("oauth.client_auth", ClientAuth::Basic),
-        scope: r.string("oauth.scope").unwrap_or_default(),
-        timeout: r.duration("oauth.timeout", "10s"),
-        default_lifetime: r.duration("oauth.default_lifetime", "5m"),
-        ca_file: r.optional_path("oauth.ca_file"),
-        extra_params: r.value("oauth.extra_params", BTreeMap::new()),
-    };
+    let (routes, credentials) = read_routes(&mut r, &proxy);
     let refresh = RefreshConfig {
         min_remaining: r.duration("refresh.min_remaining", "30s"),
         min_interval: r.duration("refresh.min_interval", "1s"),
@@ -397,10 +429,11 @@ pub fn load_with_env(fig: Figment, env_names: &[String]) -> Result<Loaded, Confi
         worker_threads: r.value("runtime.worker_threads", 0),
     };
     let config = Config {
-        routes: vec![RouteConfig::single(&proxy)],
+        single_upstream: credentials.first().is_some_and(|p| p.table == "oauth"),
+        routes,
+        credentials,
         proxy,
         admin,
-        oauth,
         refresh,
         shutdown,
         log,
@@ -408,7 +441,18 @@ pub fn load_with_env(fig: Figment, env_names: &[String]) -> Result<Loaded, Confi
     };
     r.check_semantics(&config);
     r.check_unknown_keys();
-    let known: Vec<&str> = r.known.iter().copied().collect();
+    // Named keys as read, and as patterns for names not (correctly) written.
+    let patterns: Vec<String> = PROFILE_KEYS
+        .iter()
+        .map(|k| format!("credentials.*.{k}"))
+        .chain(ROUTE_KEYS.iter().map(|k| format!("route.*.{k}")))
+        .collect();
+    let known: Vec<&str> = r
+        .known
+        .iter()
+        .chain(&patterns)
+        .map(String::as_str)
+        .collect();
     r.warnings.extend(unread_variables(env_names, &known));
     if r.problems.is_empty() {
         Ok(Loaded {
@@ -420,6 +464,190 @@ pub fn load_with_env(fig: Figment, env_names: &[String]) -> Result<Loaded, Confi
             problems: r.problems,
             warnings: r.warnings,
         })
+    }
+}
+
+/// The keys of a `[credentials.NAME]` table: today's `[oauth]` keys, plus
+/// `grant` and `required`.
+pub const PROFILE_KEYS: &[&str] = &[
+    "grant",
+    "required",
+    "token_url",
+    "client_id",
+    "client_secret",
+    "client_secret_file",
+    "username",
+    "password",
+    "password_file",
+    "params_in",
+    "client_auth",
+    "scope",
+    "timeout",
+    "default_lifetime",
+    "ca_file",
+    "extra_params",
+];
+
+/// The keys of a `[route.NAME]` table; those after `listen` default to the
+/// `[proxy]` key of the same name.
+pub const ROUTE_KEYS: &[&str] = &[
+    "prefix",
+    "upstream",
+    "credentials",
+    "listen",
+    "allow_paths",
+    "retry_on_401",
+    "retry_body_limit",
+    "request_timeout",
+    "forwarded_headers",
+    "ca_file",
+];
+
+/// Whether `name` may name a route or a credentials profile:
+/// `^[a-z][a-z0-9_]*$`, without `__` and without a trailing `_`, so that
+/// `TOKEN_SIDECAR_ROUTE__<NAME>__<KEY>` splits back into exactly the
+/// name and the key (`a_` would read as `a` and `_key`).
+pub fn is_valid_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    b.first().is_some_and(u8::is_ascii_lowercase)
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+        && !name.contains("__")
+        && !name.ends_with('_')
+}
+
+/// The routes and the credentials profiles, in whichever form the file
+/// uses: the single-upstream form (`proxy.upstream` with `[oauth]`), or
+/// `[route.NAME]` with `[credentials.NAME]` tables.
+fn read_routes(
+    r: &mut Reader<'_>,
+    proxy: &ProxyConfig,
+) -> (Vec<RouteConfig>, Vec<CredentialsConfig>) {
+    let route_names = r.table_names("route");
+    let profile_names = r.table_names("credentials");
+    if route_names.is_none() && profile_names.is_none() {
+        let upstream = r.url("proxy.upstream", true);
+        let profile = read_profile(r, "oauth", DEFAULT_NAME, false);
+        let route = RouteConfig::single(upstream.unwrap_or_else(placeholder_url), proxy);
+        return (vec![route], vec![profile]);
+    }
+    // The routes form: the single-upstream form's keys are an error here,
+    // once each, and not also unknown keys.
+    for key in ["proxy.upstream", "oauth"] {
+        if r.is_set(key) {
+            r.known.insert(key.to_owned());
+            r.problem(
+                key,
+                "the single-upstream form (proxy.upstream with [oauth]) cannot be mixed with \
+                 [route.NAME] and [credentials.NAME] tables: write the upstream as a route \
+                 and [oauth] as a credentials profile",
+            );
+        }
+    }
+    let route_names = route_names.unwrap_or_default();
+    let profile_names = profile_names.unwrap_or_default();
+    for (section, names) in [("route", &route_names), ("credentials", &profile_names)] {
+        if names.is_empty() && !r.problems.iter().any(|p| p.key == section) {
+            r.missing(
+                section,
+                format!("at least one [{section}.NAME] table is required"),
+            );
+        }
+    }
+    let profiles: Vec<CredentialsConfig> = profile_names
+        .iter()
+        .map(|name| read_profile(r, &format!("credentials.{name}"), name, true))
+        .collect();
+    let routes: Vec<RouteConfig> = route_names
+        .iter()
+        .map(|name| read_route(r, name, proxy))
+        .collect();
+    (routes, profiles)
+}
+
+/// One credentials profile, its keys under `table`; `grant` and
+/// `required` are read only in the routes form (`named`).
+fn read_profile(r: &mut Reader<'_>, table: &str, name: &str, named: bool) -> CredentialsConfig {
+    let key = |k: &str| format!("{table}.{k}");
+    let grant = if named {
+        r.value(&key("grant"), GrantChoice::Password)
+    } else {
+        GrantChoice::Password
+    };
+    let login = match grant {
+        GrantChoice::Password => Login::Password {
+            username: r.required_string(&key("username")),
+            password: r.secret(&key("password"), &key("password_file")),
+        },
+        GrantChoice::ClientCredentials => {
+            for k in ["username", "password", "password_file"] {
+                let k = key(k);
+                if r.raw(&k).is_some() {
+                    r.problem(
+                        &k,
+                        "the client_credentials grant sends no user: remove it, or set grant = \"password\"",
+                    );
+                }
+            }
+            Login::ClientCredentials
+        }
+    };
+    let token_url = r.url(&key("token_url"), false);
+    CredentialsConfig {
+        name: name.to_owned(),
+        table: table.to_owned(),
+        login,
+        required: if named {
+            r.value(&key("required"), true)
+        } else {
+            true
+        },
+        token_url: token_url.unwrap_or_else(placeholder_url),
+        client_id: r.required_string(&key("client_id")),
+        client_secret: r.secret(&key("client_secret"), &key("client_secret_file")),
+        params_in: r.value(&key("params_in"), ParamsIn::Form),
+        client_auth: r.value(&key("client_auth"), ClientAuth::Basic),
+        scope: r.string(&key("scope")).unwrap_or_default(),
+        timeout: r.duration(&key("timeout"), "10s"),
+        default_lifetime: r.duration(&key("default_lifetime"), "5m"),
+        ca_file: r.optional_path(&key("ca_file")),
+        extra_params: r.value(&key("extra_params"), BTreeMap::new()),
+    }
+}
+
+/// One `[route.NAME]`; unset per-route keys take the `[proxy]` values.
+fn read_route(r: &mut Reader<'_>, name: &str, proxy: &ProxyConfig) -> RouteConfig {
+    let key = |k: &str| format!("route.{name}.{k}");
+    let listen = r.address(&key("listen"));
+    let prefix = match r.string(&key("prefix")) {
+        Some(p) => p,
+        None => {
+            if !r.is_set(&key("listen")) && !r.is_set(&key("prefix")) {
+                r.missing(
+                    &key("prefix"),
+                    "is required (it defaults to \"/\" only for a route with a listen address of its own)",
+                );
+            }
+            "/".into()
+        }
+    };
+    let upstream = r.url(&key("upstream"), true);
+    RouteConfig {
+        name: name.to_owned(),
+        prefix,
+        upstream: upstream.unwrap_or_else(placeholder_url),
+        credentials: r.required_string(&key("credentials")),
+        listen,
+        allow_paths: r.value(&key("allow_paths"), proxy.allow_paths.clone()),
+        retry_on_401: r.value(&key("retry_on_401"), proxy.retry_on_401),
+        retry_body_limit: r.value(&key("retry_body_limit"), proxy.retry_body_limit),
+        request_timeout: r
+            .optional_duration(&key("request_timeout"))
+            .unwrap_or(proxy.request_timeout),
+        forwarded_headers: r.value(&key("forwarded_headers"), proxy.forwarded_headers),
+        ca_file: r
+            .optional_path(&key("ca_file"))
+            .or_else(|| proxy.ca_file.clone()),
     }
 }
 
@@ -448,7 +676,7 @@ fn placeholder_url() -> Url {
 /// Reads keys one at a time, recording each key asked for and every problem.
 struct Reader<'a> {
     fig: &'a Figment,
-    known: BTreeSet<&'static str>,
+    known: BTreeSet<String>,
     problems: Vec<Problem>,
     warnings: Vec<String>,
 }
@@ -503,12 +731,12 @@ impl<'a> Reader<'a> {
     }
 
     /// The raw value, if the key is set anywhere.
-    fn raw(&mut self, key: &'static str) -> Option<Value> {
-        self.known.insert(key);
+    fn raw(&mut self, key: &str) -> Option<Value> {
+        self.known.insert(key.to_owned());
         self.fig.find_value(key).ok()
     }
 
-    fn typed<T: DeserializeOwned>(&mut self, key: &'static str) -> Option<T> {
+    fn typed<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
         let v = self.raw(key)?;
         match v.deserialize::<T>() {
             Ok(t) => Some(t),
@@ -525,14 +753,14 @@ impl<'a> Reader<'a> {
         self.fig.find_value(key).is_ok()
     }
 
-    fn value<T: DeserializeOwned>(&mut self, key: &'static str, default: T) -> T {
+    fn value<T: DeserializeOwned>(&mut self, key: &str, default: T) -> T {
         self.typed(key).unwrap_or(default)
     }
 
     /// A string exactly as written. figment parses environment values
     /// (`"007"` would become a number) and trims them, which would corrupt
     /// a password, so a value from the environment is read raw.
-    fn string(&mut self, key: &'static str) -> Option<String> {
+    fn string(&mut self, key: &str) -> Option<String> {
         self.raw(key)?;
         if self.is_from_env(key) {
             if let Ok(s) = std::env::var(env_name(key)) {
@@ -542,7 +770,7 @@ impl<'a> Reader<'a> {
         self.typed::<String>(key)
     }
 
-    fn required_string(&mut self, key: &'static str) -> String {
+    fn required_string(&mut self, key: &str) -> String {
         match self.string(key) {
             Some(s) if !s.is_empty() => s,
             Some(_) => {
@@ -558,7 +786,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn positive(&mut self, key: &'static str, default: usize) -> usize {
+    fn positive(&mut self, key: &str, default: usize) -> usize {
         let v = self.value(key, default);
         if v == 0 {
             self.problem(key, "must be greater than 0");
@@ -567,12 +795,12 @@ impl<'a> Reader<'a> {
         v
     }
 
-    fn duration(&mut self, key: &'static str, default: &str) -> Duration {
+    fn duration(&mut self, key: &str, default: &str) -> Duration {
         self.optional_duration(key)
             .unwrap_or_else(|| humantime::parse_duration(default).expect("default durations parse"))
     }
 
-    fn optional_duration(&mut self, key: &'static str) -> Option<Duration> {
+    fn optional_duration(&mut self, key: &str) -> Option<Duration> {
         let v = self.raw(key)?;
         let text = match &v {
             Value::String(_, s) => s.clone(),
@@ -593,7 +821,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn optional_path(&mut self, key: &'static str) -> Option<PathBuf> {
+    fn optional_path(&mut self, key: &str) -> Option<PathBuf> {
         let p = self.string(key).map(PathBuf::from)?;
         if !p.is_file() {
             self.problem(key, format!("{} is not a readable file", p.display()));
@@ -601,14 +829,93 @@ impl<'a> Reader<'a> {
         Some(p)
     }
 
-    fn list_len(&mut self, key: &'static str) -> usize {
+    /// The names of the `[section.NAME]` tables the file has, or `None`
+    /// when it has none (the section absent, or made of environment
+    /// variables alone, each reported: a variable overrides a route's or a
+    /// profile's keys but cannot create one).
+    fn table_names(&mut self, section: &str) -> Option<Vec<String>> {
+        let what = match section {
+            "route" => "route",
+            _ => "credentials profile",
+        };
+        let value = self.fig.find_value(section).ok()?;
+        let Value::Dict(_, tables) = value else {
+            self.known.insert(section.to_owned());
+            self.problem(section, format!("must be tables: [{section}.NAME]"));
+            return Some(Vec::new());
+        };
+        let mut names = Vec::new();
+        for (name, value) in &tables {
+            let key = format!("{section}.{name}");
+            let mut leaves = Vec::new();
+            leaf_keys(key.clone(), value, &mut leaves);
+            if !leaves.is_empty() && leaves.iter().all(|l| self.is_from_env(l)) {
+                let mut sources: Vec<String> = leaves.iter().map(|l| self.source(l)).collect();
+                sources.sort();
+                sources.dedup();
+                self.problems.push(Problem {
+                    key: key.clone(),
+                    source: sources.join(", "),
+                    message: format!(
+                        "an environment variable cannot create a {what}: the file has no [{key}] \
+                         (variables override the keys of the {what}s the file has)"
+                    ),
+                });
+                self.known.insert(key);
+                continue;
+            }
+            if !matches!(value, Value::Dict(..)) {
+                self.known.insert(key.clone());
+                self.problem(&key, format!("must be a table: [{key}]"));
+                continue;
+            }
+            if !is_valid_name(name) {
+                self.problem(
+                    &key,
+                    format!(
+                        "{name:?} is not a valid {what} name: lower-case letters, digits and single \
+                         underscores, starting with a letter and not ending with an underscore \
+                         (so that TOKEN_SIDECAR_{}__<NAME>__<KEY> can address it)",
+                        section.to_ascii_uppercase()
+                    ),
+                );
+            }
+            names.push(name.clone());
+        }
+        if names.is_empty() && self.is_from_env(section) {
+            return None;
+        }
+        if names.is_empty() {
+            // An empty `[route]` table: reported as missing its routes, not
+            // also as an unknown section.
+            self.known.insert(section.to_owned());
+        }
+        Some(names)
+    }
+
+    /// One `IP:port` address, if set.
+    fn address(&mut self, key: &str) -> Option<SocketAddr> {
+        let text = self.string(key)?;
+        match text.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("{text:?} is not an IP:port address (e.g. \"127.0.0.1:7082\")"),
+                );
+                None
+            }
+        }
+    }
+
+    fn list_len(&mut self, key: &str) -> usize {
         match self.fig.find_value(key) {
             Ok(Value::Array(_, a)) => a.len(),
             _ => 1,
         }
     }
 
-    fn listen(&mut self, key: &'static str, default: &[&str]) -> Vec<SocketAddr> {
+    fn listen(&mut self, key: &str, default: &[&str]) -> Vec<SocketAddr> {
         let parsed = match self.raw(key) {
             None => None,
             Some(v) => match v.deserialize::<OneOrMany>() {
@@ -645,7 +952,7 @@ impl<'a> Reader<'a> {
         out
     }
 
-    fn url(&mut self, key: &'static str, is_base: bool) -> Option<Url> {
+    fn url(&mut self, key: &str, is_base: bool) -> Option<Url> {
         let Some(text) = self.string(key) else {
             if !self.is_set(key) {
                 self.missing(key, "is required");
@@ -687,7 +994,7 @@ impl<'a> Reader<'a> {
     /// is reported without quoting it: serde's message would print an
     /// unquoted numeric password (`password = 20240101`) in full. The empty
     /// string stands in, so the key is not also reported as missing.
-    fn secret_string(&mut self, key: &'static str) -> Option<String> {
+    fn secret_string(&mut self, key: &str) -> Option<String> {
         let v = self.raw(key)?;
         if self.is_from_env(key) {
             if let Ok(s) = std::env::var(env_name(key)) {
@@ -707,7 +1014,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Exactly one of `inline_key` and `file_key`.
-    fn secret(&mut self, inline_key: &'static str, file_key: &'static str) -> SecretSource {
+    fn secret(&mut self, inline_key: &str, file_key: &str) -> SecretSource {
         let inline = self.secret_string(inline_key);
         let file = self.string(file_key);
         match (inline, file) {
@@ -771,8 +1078,6 @@ impl<'a> Reader<'a> {
             self.problem("refresh.secret_poll_interval", "must be greater than 0");
         }
         for (key, d) in [
-            ("oauth.timeout", c.oauth.timeout),
-            ("oauth.default_lifetime", c.oauth.default_lifetime),
             ("proxy.connect_timeout", c.proxy.connect_timeout),
             ("proxy.request_timeout", c.proxy.request_timeout),
             ("proxy.body_idle_timeout", c.proxy.body_idle_timeout),
@@ -810,11 +1115,114 @@ impl<'a> Reader<'a> {
                 "must differ from every proxy.listen address",
             );
         }
-        if c.oauth.params_in == ParamsIn::Query {
-            self.warnings.push(
-                "oauth.params_in = \"query\" puts the password in the token URL, where gateways' access logs can keep it"
-                    .into(),
-            );
+        self.check_profiles(c);
+        self.check_routes(c);
+    }
+
+    fn check_profiles(&mut self, c: &Config) {
+        for p in &c.credentials {
+            let key = |k: &str| format!("{}.{k}", p.table);
+            for (k, d) in [
+                ("timeout", p.timeout),
+                ("default_lifetime", p.default_lifetime),
+            ] {
+                if d.is_zero() {
+                    self.problem(&key(k), "must be greater than 0");
+                }
+            }
+            if p.params_in == ParamsIn::Query {
+                let what = match p.login {
+                    Login::Password { .. } => Some("the password"),
+                    Login::ClientCredentials if p.client_auth == ClientAuth::Body => {
+                        Some("the client secret")
+                    }
+                    Login::ClientCredentials => None,
+                };
+                if let Some(what) = what {
+                    self.warnings.push(format!(
+                        "{} = \"query\" puts {what} in the token URL, where gateways' access logs can keep it",
+                        key("params_in")
+                    ));
+                }
+            }
+            if !c.routes.iter().any(|r| r.credentials == p.name) {
+                self.warnings.push(format!(
+                    "{}: no route uses this credentials profile; its token is obtained and kept but never sent",
+                    p.table
+                ));
+            }
+        }
+    }
+
+    fn check_routes(&mut self, c: &Config) {
+        if c.single_upstream {
+            return; // one route for "/", made of keys checked as [proxy]'s
+        }
+        let profiles: Vec<&str> = c.credentials.iter().map(|p| p.name.as_str()).collect();
+        for (i, route) in c.routes.iter().enumerate() {
+            let key = |k: &str| format!("route.{}.{k}", route.name);
+            if !(route.prefix.starts_with('/') && route.prefix.ends_with('/')) {
+                self.problem(
+                    &key("prefix"),
+                    format!(
+                        "{:?} must start and end with '/' (e.g. \"/merchants/\")",
+                        route.prefix
+                    ),
+                );
+            }
+            if !route.credentials.is_empty() && !profiles.contains(&route.credentials.as_str()) {
+                let mut m = format!(
+                    "{:?} is not a credentials profile (profiles: {})",
+                    route.credentials,
+                    profiles.join(", ")
+                );
+                if let Some(near) = nearest(&route.credentials, profiles.iter().copied()) {
+                    m.push_str(&format!(": did you mean {near:?}?"));
+                }
+                self.problem(&key("credentials"), m);
+            }
+            if route.request_timeout.is_zero() {
+                self.problem(&key("request_timeout"), "must be greater than 0");
+            }
+            for p in &route.allow_paths {
+                if !p.starts_with('/') {
+                    self.problem(&key("allow_paths"), format!("{p:?} must start with '/'"));
+                }
+            }
+            if let Some(a) = route.listen {
+                if a.port() != 0 {
+                    if c.proxy.listen.contains(&a) || c.admin.listen == a {
+                        self.problem(
+                            &key("listen"),
+                            format!("{a} is also a proxy.listen or admin.listen address"),
+                        );
+                    }
+                    if let Some(other) = c.routes[..i].iter().find(|o| o.listen == Some(a)) {
+                        self.problem(
+                            &key("listen"),
+                            format!("{a} is also the listen address of route {}", other.name),
+                        );
+                    }
+                }
+                if !a.ip().is_loopback() {
+                    self.warnings.push(format!(
+                        "{} {a} is not a loopback address: whoever reaches it acts as the user of credentials {}",
+                        key("listen"),
+                        route.credentials
+                    ));
+                }
+            } else if let Some(other) = c.routes[..i]
+                .iter()
+                .find(|o| o.listen.is_none() && o.prefix == route.prefix)
+            {
+                self.problem(
+                    &key("prefix"),
+                    format!(
+                        "{:?} is also the prefix of route {} on the same listener (proxy.listen)",
+                        route.prefix, other.name
+                    ),
+                );
+            }
         }
     }
 
@@ -856,7 +1264,7 @@ impl<'a> Reader<'a> {
             } else {
                 match self.near_key(&key) {
                     Some(near) if from_env => {
-                        format!("unknown key: did you mean {}?", env_name(near))
+                        format!("unknown key: did you mean {}?", env_name(&near))
                     }
                     Some(near) => format!("unknown key: did you mean {near}?"),
                     None => "unknown key".into(),
@@ -872,21 +1280,25 @@ impl<'a> Reader<'a> {
 
     /// A known key that `key` probably meant: a near miss in the same
     /// section, else the same name in another section.
-    fn near_key(&self, key: &str) -> Option<&'static str> {
+    fn near_key(&self, key: &str) -> Option<String> {
         let (section, name) = key.rsplit_once('.')?;
-        let in_section = self
+        let in_section: Vec<(&str, &str)> = self
             .known
             .iter()
-            .filter(|k| k.rsplit_once('.').is_some_and(|(s, _)| s == section))
-            .map(|k| (k.rsplit_once('.').map_or(*k, |(_, n)| n), *k));
-        let (names, keys): (Vec<&str>, Vec<&'static str>) = in_section.unzip();
-        if let Some(near) = nearest(name, names.iter().copied()) {
-            return names.iter().position(|n| *n == near).map(|i| keys[i]);
+            .filter_map(|k| k.rsplit_once('.').map(|(s, n)| (s, n, k.as_str())))
+            .filter(|(s, _, _)| *s == section)
+            .map(|(_, n, k)| (n, k))
+            .collect();
+        if let Some(near) = nearest(name, in_section.iter().map(|(n, _)| *n)) {
+            return in_section
+                .iter()
+                .find(|(n, _)| *n == near)
+                .map(|(_, k)| k.to_string());
         }
         self.known
             .iter()
             .find(|k| k.rsplit_once('.').is_some_and(|(_, n)| n == name))
-            .copied()
+            .cloned()
     }
 
     fn walk<'v>(&self, path: String, v: &'v Value, out: &mut Vec<(String, &'v Value)>) {
@@ -1145,10 +1557,14 @@ password = "p"
     #[test]
     fn minimal_config_gets_defaults() {
         let c = load_str(&base()).unwrap().config;
-        assert_eq!(c.proxy.upstream.as_str(), "https://api.example.test/base/");
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(
+            c.routes[0].upstream.as_str(),
+            "https://api.example.test/base/"
+        );
         assert_eq!(c.proxy.listen.len(), 2);
-        assert_eq!(c.oauth.params_in, ParamsIn::Form);
-        assert_eq!(c.oauth.timeout, Duration::from_secs(10));
+        assert_eq!(c.credentials[0].params_in, ParamsIn::Form);
+        assert_eq!(c.credentials[0].timeout, Duration::from_secs(10));
         assert_eq!(c.refresh.min_remaining, Duration::from_secs(30));
     }
 
@@ -1173,7 +1589,10 @@ password = "p"
         );
         let c = load_str(&s).unwrap().config;
         assert_eq!(
-            c.oauth.extra_params.get("audience").map(String::as_str),
+            c.credentials[0]
+                .extra_params
+                .get("audience")
+                .map(String::as_str),
             Some("x")
         );
     }
@@ -1194,7 +1613,7 @@ password = "p"
             .merge(Toml::string(&base()))
             .merge(Serialized::default("oauth.timeout", "3s"));
         let c = load_figment(fig).unwrap().config;
-        assert_eq!(c.oauth.timeout, Duration::from_secs(3));
+        assert_eq!(c.credentials[0].timeout, Duration::from_secs(3));
     }
 
     #[test]
@@ -1382,5 +1801,291 @@ password = "p"
     #[test]
     fn env_names() {
         assert_eq!(env_name("oauth.password"), "TOKEN_SIDECAR_OAUTH__PASSWORD");
+        assert_eq!(
+            env_name("credentials.paymentiq.password"),
+            "TOKEN_SIDECAR_CREDENTIALS__PAYMENTIQ__PASSWORD"
+        );
+    }
+
+    /// The routes form of the issue's example, with inline secrets.
+    fn routes() -> String {
+        r#"
+[proxy]
+request_timeout = "30s"
+[credentials.paymentiq]
+token_url = "https://test-api.paymentiq.io/paymentiq/oauth/token"
+client_id = "pid"
+client_secret = "s1"
+username = "u"
+password = "p"
+params_in = "query"
+[credentials.merchants]
+grant = "client_credentials"
+token_url = "https://auth.example.com/oauth2/token"
+client_id = "mid"
+client_secret = "s2"
+scope = "merchants.read"
+required = false
+[route.backoffice]
+prefix = "/backoffice/"
+upstream = "https://test-api.paymentiq.io/paymentiq/backoffice"
+credentials = "paymentiq"
+[route.merchants]
+prefix = "/merchants/"
+upstream = "https://merchants.example.com/api/v2/"
+credentials = "merchants"
+request_timeout = "5s"
+allow_paths = ["/shops/"]
+"#
+        .into()
+    }
+
+    /// `key: message` of every problem, sorted.
+    fn sorted_problems(s: &str) -> Vec<String> {
+        let mut p = problems(s);
+        p.sort();
+        p
+    }
+
+    #[test]
+    fn the_routes_form_names_profiles_and_routes() {
+        let loaded = load_str(&routes()).unwrap();
+        let c = loaded.config;
+        assert!(!c.single_upstream);
+        let names: Vec<&str> = c.credentials.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["merchants", "paymentiq"]);
+        let m = &c.credentials[0];
+        assert_eq!(m.table, "credentials.merchants");
+        assert!(matches!(m.login, Login::ClientCredentials));
+        assert!(!m.required);
+        assert_eq!(m.scope, "merchants.read");
+        let p = &c.credentials[1];
+        assert!(
+            matches!(&p.login, Login::Password { username, .. } if username == "u"),
+            "{p:?}"
+        );
+        assert!(p.required, "required by default");
+        assert_eq!(p.params_in, ParamsIn::Query);
+
+        let r = |name: &str| c.routes.iter().find(|r| r.name == name).unwrap();
+        let b = r("backoffice");
+        assert_eq!(b.prefix, "/backoffice/");
+        assert_eq!(
+            b.upstream.as_str(),
+            "https://test-api.paymentiq.io/paymentiq/backoffice/",
+            "a base URL's path ends in /"
+        );
+        assert_eq!(b.credentials, "paymentiq");
+        // Unset per-route keys take the [proxy] values; set ones win.
+        assert_eq!(b.request_timeout, Duration::from_secs(30));
+        assert!(b.allow_paths.is_empty());
+        let m = r("merchants");
+        assert_eq!(m.request_timeout, Duration::from_secs(5));
+        assert_eq!(m.allow_paths, ["/shops/"]);
+        assert_eq!(m.listen, None);
+        // A password in the query draws its warning, named by its key.
+        assert!(
+            loaded
+                .warnings
+                .iter()
+                .any(|w| w
+                    .starts_with("credentials.paymentiq.params_in = \"query\" puts the password")),
+            "{:?}",
+            loaded.warnings
+        );
+    }
+
+    #[test]
+    fn the_single_upstream_form_is_one_route_and_one_profile_named_default() {
+        let c = load_str(&base()).unwrap().config;
+        assert!(c.single_upstream);
+        assert_eq!(c.routes.len(), 1);
+        let r = &c.routes[0];
+        assert_eq!((r.name.as_str(), r.prefix.as_str()), ("default", "/"));
+        assert_eq!(r.credentials, "default");
+        assert_eq!(c.credentials.len(), 1);
+        let p = &c.credentials[0];
+        assert_eq!((p.name.as_str(), p.table.as_str()), ("default", "oauth"));
+        assert!(p.required);
+        assert!(matches!(p.login, Login::Password { .. }));
+        // [oauth] has today's keys only.
+        let s = base().replace("[oauth]", "[oauth]\ngrant = \"password\"");
+        assert_eq!(problems(&s), ["oauth.grant: unknown key"]);
+    }
+
+    #[test]
+    fn a_route_with_its_own_listen_address_defaults_its_prefix_to_the_root() {
+        let s = routes()
+            + "[route.legacy]\nlisten = \"127.0.0.1:7082\"\nupstream = \"https://legacy.example.com/\"\ncredentials = \"paymentiq\"\n";
+        let c = load_str(&s).unwrap().config;
+        let r = c.routes.iter().find(|r| r.name == "legacy").unwrap();
+        assert_eq!(r.prefix, "/");
+        assert_eq!(r.listen, Some("127.0.0.1:7082".parse().unwrap()));
+    }
+
+    #[test]
+    fn names_match_the_pattern_that_environment_variables_can_address() {
+        for ok in ["a", "merchants", "eu_2", "b2b_api"] {
+            assert!(is_valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "A",
+            "Merchants",
+            "2fa",
+            "_a",
+            "a__b",
+            "a_",
+            "a-b",
+            "a.b",
+            "é",
+        ] {
+            assert!(!is_valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_routes_form_problem_is_named_by_its_key() {
+        let cases: Vec<(String, Vec<&str>)> = vec![
+            (
+                routes().replace("credentials = \"merchants\"", "credentials = \"merchant\""),
+                vec![
+                    "route.merchants.credentials: \"merchant\" is not a credentials profile (profiles: merchants, paymentiq): did you mean \"merchants\"?",
+                ],
+            ),
+            (
+                routes().replace("prefix = \"/merchants/\"", "prefix = \"/backoffice/\""),
+                vec![
+                    "route.merchants.prefix: \"/backoffice/\" is also the prefix of route backoffice on the same listener (proxy.listen)",
+                ],
+            ),
+            (
+                routes().replace("prefix = \"/merchants/\"", "prefix = \"/merchants\""),
+                vec![
+                    "route.merchants.prefix: \"/merchants\" must start and end with '/' (e.g. \"/merchants/\")",
+                ],
+            ),
+            (
+                routes().replace("prefix = \"/merchants/\"", "prefix = \"merchants/\""),
+                vec![
+                    "route.merchants.prefix: \"merchants/\" must start and end with '/' (e.g. \"/merchants/\")",
+                ],
+            ),
+            (
+                routes().replace("[route.merchants]", "[route.Merchants]"),
+                vec![
+                    "route.Merchants: \"Merchants\" is not a valid route name: lower-case letters, digits and single underscores, starting with a letter and not ending with an underscore (so that TOKEN_SIDECAR_ROUTE__<NAME>__<KEY> can address it)",
+                ],
+            ),
+            (
+                routes()
+                    .replace("[credentials.merchants]", "[credentials.merchants__eu]")
+                    .replace("credentials = \"merchants\"", "credentials = \"merchants__eu\""),
+                vec![
+                    "credentials.merchants__eu: \"merchants__eu\" is not a valid credentials profile name: lower-case letters, digits and single underscores, starting with a letter and not ending with an underscore (so that TOKEN_SIDECAR_CREDENTIALS__<NAME>__<KEY> can address it)",
+                ],
+            ),
+            (
+                routes().replace("scope = \"merchants.read\"", "scope = \"merchants.read\"\nusername = \"x\"\npassword_file = \"/x\""),
+                vec![
+                    "credentials.merchants.password_file: the client_credentials grant sends no user: remove it, or set grant = \"password\"",
+                    "credentials.merchants.username: the client_credentials grant sends no user: remove it, or set grant = \"password\"",
+                ],
+            ),
+            (
+                routes().replace("scope = \"merchants.read\"", "password = \"x\""),
+                vec![
+                    "credentials.merchants.password: the client_credentials grant sends no user: remove it, or set grant = \"password\"",
+                ],
+            ),
+            (
+                routes().replace("grant = \"client_credentials\"", "grant = \"client-credentials\""),
+                vec![
+                    "credentials.merchants.grant: \"client-credentials\" is not one of \"password\", \"client_credentials\": did you mean \"client_credentials\"?",
+                    // Then read as a password profile, which lacks a user.
+                    "credentials.merchants.password: set credentials.merchants.password or credentials.merchants.password_file",
+                    "credentials.merchants.username: is required",
+                ],
+            ),
+            (
+                routes().replace("username = \"u\"\n", ""),
+                vec!["credentials.paymentiq.username: is required"],
+            ),
+            (
+                routes().replace("prefix = \"/merchants/\"\n", ""),
+                vec![
+                    "route.merchants.prefix: is required (it defaults to \"/\" only for a route with a listen address of its own)",
+                ],
+            ),
+            (
+                routes().replace("request_timeout = \"5s\"", "request_timeout = \"0s\"\nbogus = 1"),
+                vec![
+                    "route.merchants.bogus: unknown key",
+                    "route.merchants.request_timeout: must be greater than 0",
+                ],
+            ),
+            (
+                routes().replace("allow_paths = [\"/shops/\"]", "allow_paths = [\"shops/\"]\nupstrem = \"x\""),
+                vec![
+                    "route.merchants.allow_paths: \"shops/\" must start with '/'",
+                    "route.merchants.upstrem: unknown key: did you mean route.merchants.upstream?",
+                ],
+            ),
+            (
+                routes() + "[route.a]\nlisten = \"127.0.0.1:7082\"\nupstream = \"https://a.example/\"\ncredentials = \"paymentiq\"\n[route.b]\nlisten = \"127.0.0.1:7082\"\nupstream = \"https://b.example/\"\ncredentials = \"paymentiq\"\n[route.c]\nlisten = \"127.0.0.1:7081\"\nupstream = \"https://c.example/\"\ncredentials = \"paymentiq\"\n[route.d]\nlisten = \"localhost:80\"\nupstream = \"https://d.example/\"\ncredentials = \"paymentiq\"\n[admin]\nlisten = \"127.0.0.1:7081\"\n",
+                vec![
+                    "route.b.listen: 127.0.0.1:7082 is also the listen address of route a",
+                    "route.c.listen: 127.0.0.1:7081 is also a proxy.listen or admin.listen address",
+                    "route.d.listen: \"localhost:80\" is not an IP:port address (e.g. \"127.0.0.1:7082\")",
+                ],
+            ),
+            (
+                format!("[proxy]\nupstream = \"https://x.example/\"\n{}", routes().replace("[proxy]", "")),
+                vec![
+                    "proxy.upstream: the single-upstream form (proxy.upstream with [oauth]) cannot be mixed with [route.NAME] and [credentials.NAME] tables: write the upstream as a route and [oauth] as a credentials profile",
+                ],
+            ),
+            (
+                base() + "[route.x]\nprefix = \"/x/\"\nupstream = \"https://x.example/\"\ncredentials = \"default\"\n",
+                vec![
+                    "credentials: at least one [credentials.NAME] table is required",
+                    "oauth: the single-upstream form (proxy.upstream with [oauth]) cannot be mixed with [route.NAME] and [credentials.NAME] tables: write the upstream as a route and [oauth] as a credentials profile",
+                    "proxy.upstream: the single-upstream form (proxy.upstream with [oauth]) cannot be mixed with [route.NAME] and [credentials.NAME] tables: write the upstream as a route and [oauth] as a credentials profile",
+                    "route.x.credentials: \"default\" is not a credentials profile (profiles: )",
+                ],
+            ),
+            (
+                routes().split("[route.backoffice]").next().unwrap().to_owned(),
+                vec!["route: at least one [route.NAME] table is required"],
+            ),
+            (
+                "[route]\nx = 1\n".into(),
+                vec![
+                    "credentials: at least one [credentials.NAME] table is required",
+                    "route.x: must be a table: [route.x]",
+                    "route: at least one [route.NAME] table is required",
+                ],
+            ),
+        ];
+        for (toml, expected) in cases {
+            assert_eq!(sorted_problems(&toml), expected, "{toml}");
+        }
+    }
+
+    #[test]
+    fn credentials_no_route_uses_are_a_warning() {
+        let s = routes() + "[credentials.spare]\ngrant = \"client_credentials\"\ntoken_url = \"https://a.example/t\"\nclient_id = \"c\"\nclient_secret_file = \"/dev/null/x\"\n";
+        // (the file does not exist: a problem; the warning comes with it)
+        let e = load_str(&s).unwrap_err();
+        assert_eq!(e.problems.len(), 1, "{e}");
+        let s = s.replace(
+            "client_secret_file = \"/dev/null/x\"",
+            "client_secret = \"s3\"",
+        );
+        let w = load_str(&s).unwrap().warnings;
+        assert!(
+            w.contains(&"credentials.spare: no route uses this credentials profile; its token is obtained and kept but never sent".to_string()),
+            "{w:?}"
+        );
     }
 }

@@ -6,7 +6,10 @@
 //! ones the fake backoffice accepts, so expiry and revocation behave as they
 //! do between a real authorization server and its resource server.
 //! PaymentIQ-like defaults: Spring-style error bodies, parameters accepted in
-//! the query or a form body, HTTP Basic client authentication.
+//! the query or a form body, HTTP Basic client authentication. The
+//! client_credentials grant (RFC 6749 4.4) is answered too, without a
+//! refresh token unless [`WorldState::refresh_token_with_client_credentials`]
+//! says otherwise.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -113,6 +116,9 @@ pub struct WorldState {
     pub expires_in: f64,
     /// Issue a refresh token with the password grant.
     pub issue_refresh_token: bool,
+    /// Issue a refresh token with the client_credentials grant (RFC 6749
+    /// 4.4.3 says it should not be; some servers do).
+    pub refresh_token_with_client_credentials: bool,
     /// Issue a new refresh token on each refresh and revoke the old one.
     pub rotate_refresh_token: bool,
     /// Spring-style: one token per client and user; the password grant
@@ -133,6 +139,7 @@ pub struct WorldState {
     pub last_issued_at: Option<Instant>,
     pub seen: Vec<SeenRequest>,
     pub password_grants: u64,
+    pub client_credentials_grants: u64,
     pub refresh_grants: u64,
     pub backoffice_requests: u64,
     pub backoffice_401s: u64,
@@ -159,6 +166,7 @@ impl World {
             password: "demo-password".into(),
             expires_in,
             issue_refresh_token: true,
+            refresh_token_with_client_credentials: false,
             rotate_refresh_token: true,
             one_token_per_user: false,
             check_tokens: true,
@@ -169,6 +177,7 @@ impl World {
             last_issued_at: None,
             seen: Vec::new(),
             password_grants: 0,
+            client_credentials_grants: 0,
             refresh_grants: 0,
             backoffice_requests: 0,
             backoffice_401s: 0,
@@ -268,6 +277,11 @@ impl World {
                     }
                 }
                 let issue_rt = w.issue_refresh_token;
+                w.issue(issue_rt)
+            }
+            Some("client_credentials") => {
+                w.client_credentials_grants += 1;
+                let issue_rt = w.refresh_token_with_client_credentials;
                 w.issue(issue_rt)
             }
             Some("refresh_token") => {

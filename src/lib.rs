@@ -7,8 +7,13 @@
 //!
 //! - [`config`]: the TOML file plus `TOKEN_SIDECAR_<SECTION>__<KEY>`
 //!   environment overrides, validated in one pass that reports every problem.
-//! - [`token`]: one background task ([`token::refresher`]) is the only caller
-//!   of the token endpoint ([`token::client`]). It publishes the current token
+//!   It names the routes (a path prefix, an upstream and a credentials
+//!   profile) and the credentials profiles (token sources); the
+//!   single-upstream form is one of each, both named `default`.
+//! - [`token`]: per credentials profile, one background task
+//!   ([`token::refresher`]) is the only caller of its token endpoint
+//!   ([`token::client`]: the password, client_credentials and refresh_token
+//!   grants). It publishes the current token
 //!   into an `ArcSwap` and refreshes it ahead of expiry on a pure schedule
 //!   ([`token::schedule`]), riding out auth-server faults with classified
 //!   errors ([`token::error`]).
@@ -17,7 +22,9 @@
 //!   answers, logging) applied by two HTTP engines, the fast lane
 //!   ([`proxy::lane`], plain HTTP/1.1 parsed in place) and hyper
 //!   ([`proxy::hyper_engine`], everything else, or everything with
-//!   `proxy.fast_lane = false`). A request loads the token once
+//!   `proxy.fast_lane = false`). A request's route is the first decision
+//!   (the longest prefix of its path, looked up without allocating); it
+//!   then loads that route's profile's token once
 //!   (lock-free), replaces the client's `Authorization`, strips hop-by-hop
 //!   headers and streams both bodies. A 401 `invalid_token` from the upstream
 //!   invalidates that token generation and replays the request once (twice
@@ -33,10 +40,12 @@
 //!   demo, soak and tests.
 //!
 //! # Token lifecycle
-//! Obtained with the password grant at start (requests wait up to
-//! `proxy.token_wait` for it), refreshed at 75-80% of its lifetime with the
-//! refresh_token grant (password grant when refused), injected until its
-//! expiry less a margin and never after; during an outage requests get 503
+//! For each profile: obtained with its own grant (password or
+//! client_credentials) at start (requests wait up to `proxy.token_wait` for
+//! it), refreshed at 75-80% of its lifetime with the refresh_token grant when
+//! the server issued a refresh token (else, or when it is refused, with the
+//! profile's own grant), injected until its expiry less a margin and never
+//! after; during an outage the requests of its routes get 503
 //! `token_unavailable` with `Retry-After` once the token has run out.
 
 pub mod admin;

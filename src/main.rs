@@ -24,7 +24,10 @@ Environment:
   Every setting of the config file can be set or overridden by a variable
   TOKEN_SIDECAR_<SECTION>__<KEY>, with two underscores between section and
   key: TOKEN_SIDECAR_OAUTH__PASSWORD, TOKEN_SIDECAR_OAUTH__PASSWORD_FILE,
-  TOKEN_SIDECAR_PROXY__UPSTREAM. A value from a variable is taken as written.
+  TOKEN_SIDECAR_PROXY__UPSTREAM; the keys of a named route or credentials
+  profile as TOKEN_SIDECAR_ROUTE__<NAME>__<KEY> and
+  TOKEN_SIDECAR_CREDENTIALS__<NAME>__<KEY> (a variable cannot create a route
+  or profile the file lacks). A value from a variable is taken as written.
   TOKEN_SIDECAR_CONFIG names the config file when --config is not given.
   RUST_LOG, when set, takes the place of log.level.
 
@@ -32,7 +35,7 @@ Exit codes:
   0    ran and stopped cleanly; check: the configuration is valid
   1    start-up failure (an address in use, TLS set-up, ...)
   2    configuration error (every problem is listed)
-  3    check --live: the token request failed
+  3    check --live: a token request failed
   64   command-line usage error
   130  a second SIGINT during shutdown; 143 a second SIGTERM";
 
@@ -51,7 +54,7 @@ struct Cli {
 enum Command {
     /// Validate the config and exit: 0 valid, 2 config error, 3 live check failed.
     Check {
-        /// Also perform one real password grant against the token endpoint.
+        /// Also perform one real grant per credentials profile against its token endpoint.
         #[arg(long)]
         live: bool,
     },

@@ -5,11 +5,17 @@
 //!
 //! Hot-path handles (status classes, local error codes) are resolved once at
 //! start, so a request increments an atomic and hashes no label.
+//!
+//! Labels are bounded by the configuration: `route` takes the route names
+//! (and `""` for requests that match no route), `credentials` the profile
+//! names, `grant` the three grants, `key` the secret files' config keys.
+//! Every series a route or a profile can have is created with it, at zero,
+//! so that `rate()` and alerts see a zero rather than an absent series.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -83,13 +89,16 @@ impl Engine {
     }
 }
 
+/// The `status_class` label values, in the order of their series.
+pub const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 pub struct Metrics {
     registry: Registry,
     token_requests: IntCounterVec,
-    token_request_duration: Histogram,
-    token_expiry: Gauge,
-    token_generation: IntGauge,
-    token_valid: IntGauge,
+    token_request_duration: HistogramVec,
+    token_expiry: GaugeVec,
+    token_generation: IntGaugeVec,
+    token_valid: IntGaugeVec,
     proxy_requests: IntCounterVec,
     local_responses: IntCounterVec,
     engine_requests: [IntCounter; Engine::ALL.len()],
@@ -100,7 +109,7 @@ pub struct Metrics {
     upstream_retries_401: IntCounter,
     inflight: IntGauge,
     secret_file_errors: IntCounterVec,
-    refresher_restarts: IntCounter,
+    refresher_restarts: IntCounterVec,
 }
 
 impl Metrics {
@@ -109,34 +118,44 @@ impl Metrics {
         let token_requests = IntCounterVec::new(
             Opts::new(
                 "token_sidecar_token_requests_total",
-                "Token endpoint calls by grant and outcome.",
+                "Token endpoint calls by credentials profile, grant and outcome.",
             ),
-            &["grant", "outcome"],
+            &["credentials", "grant", "outcome"],
         )
         .expect("static metric definition is valid");
-        let token_request_duration = Histogram::with_opts(
+        let token_request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "token_sidecar_token_request_duration_seconds",
-                "Token endpoint call latency.",
+                "Token endpoint call latency, by credentials profile.",
             )
             .buckets(vec![
                 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             ]),
+            &["credentials"],
         )
         .expect("static metric definition is valid");
-        let token_expiry = Gauge::new(
-            "token_sidecar_token_expiry_timestamp_seconds",
-            "Unix time at which the current access token expires.",
+        let token_expiry = GaugeVec::new(
+            Opts::new(
+                "token_sidecar_token_expiry_timestamp_seconds",
+                "Unix time at which the profile's current access token expires.",
+            ),
+            &["credentials"],
         )
         .expect("static metric definition is valid");
-        let token_generation = IntGauge::new(
-            "token_sidecar_token_generation",
-            "Number of distinct access tokens obtained since start.",
+        let token_generation = IntGaugeVec::new(
+            Opts::new(
+                "token_sidecar_token_generation",
+                "Number of distinct access tokens the profile obtained since start.",
+            ),
+            &["credentials"],
         )
         .expect("static metric definition is valid");
-        let token_valid = IntGauge::new(
-            "token_sidecar_token_valid",
-            "1 while a usable token is held (the proxy injects it), else 0.",
+        let token_valid = IntGaugeVec::new(
+            Opts::new(
+                "token_sidecar_token_valid",
+                "1 while the profile holds a usable token (its routes inject it), else 0.",
+            ),
+            &["credentials"],
         )
         .expect("static metric definition is valid");
         let proxy_requests_vec = IntCounterVec::new(
@@ -198,9 +217,12 @@ impl Metrics {
             &["key"],
         )
         .expect("static metric definition is valid");
-        let refresher_restarts = IntCounter::new(
-            "token_sidecar_refresher_restarts_total",
-            "Restarts of the token refresh task after it panicked.",
+        let refresher_restarts = IntCounterVec::new(
+            Opts::new(
+                "token_sidecar_refresher_restarts_total",
+                "Restarts of a profile's token refresh task after it panicked.",
+            ),
+            &["credentials"],
         )
         .expect("static metric definition is valid");
         let build_info = IntGaugeVec::new(
@@ -239,13 +261,6 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
-        // Show every grant/outcome pair from the start, so rate() and alerts
-        // see a zero rather than an absent series.
-        for g in [GrantKind::Password, GrantKind::RefreshToken] {
-            for o in [Outcome::Success, Outcome::Rejected, Outcome::Error] {
-                token_requests.with_label_values(&[g.as_str(), o.as_str()]);
-            }
-        }
         Metrics {
             registry,
             token_requests,
@@ -265,30 +280,29 @@ impl Metrics {
         }
     }
 
-    /// The error counter of the secret file named by config key `key`
-    /// (touching it shows the series at 0).
-    pub fn secret_file_errors(&self, key: &str) -> IntCounter {
-        self.secret_file_errors.with_label_values(&[key])
-    }
-
-    pub fn refresher_restarted(&self) {
-        self.refresher_restarts.inc();
-    }
-
-    pub fn token_request(&self, grant: GrantKind, outcome: Outcome, took: Duration) {
-        self.token_requests
-            .with_label_values(&[grant.as_str(), outcome.as_str()])
-            .inc();
-        self.token_request_duration.observe(took.as_secs_f64());
-    }
-
-    pub fn token_obtained(&self, generation: u64, expires_at: SystemTime) {
-        self.token_generation.set(generation as i64);
-        let ts = expires_at
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        self.token_expiry.set(ts);
+    /// The series of one credentials profile, whose own grant is `grant`
+    /// (password or client_credentials), resolved once; each shows from
+    /// the start, at zero, for the profile's grant and refresh_token.
+    pub fn credentials(&self, name: &str, grant: GrantKind) -> CredentialsMetrics {
+        let requests = |g: GrantKind| {
+            Outcome::ALL.map(|o| {
+                self.token_requests
+                    .with_label_values(&[name, g.as_str(), o.as_str()])
+            })
+        };
+        let generation = self.token_generation.with_label_values(&[name]);
+        let expiry = self.token_expiry.with_label_values(&[name]);
+        // Set at every scrape ([`Metrics::render`]); shown at 0 until then.
+        self.token_valid.with_label_values(&[name]);
+        CredentialsMetrics {
+            own: (grant, requests(grant)),
+            refresh: requests(GrantKind::RefreshToken),
+            duration: self.token_request_duration.with_label_values(&[name]),
+            expiry,
+            generation,
+            restarts: self.refresher_restarts.with_label_values(&[name]),
+            secret_file_errors: self.secret_file_errors.clone(),
+        }
     }
 
     /// The series of one route (`""`: requests that matched no route),
@@ -297,8 +311,7 @@ impl Metrics {
     pub fn route(&self, route: &str) -> RouteMetrics {
         RouteMetrics {
             name: route.into(),
-            status: ["1xx", "2xx", "3xx", "4xx", "5xx"]
-                .map(|c| self.proxy_requests.with_label_values(&[route, c])),
+            status: STATUS_CLASSES.map(|c| self.proxy_requests.with_label_values(&[route, c])),
             local: LocalError::ALL
                 .map(|e| self.local_responses.with_label_values(&[route, e.as_str()])),
             duration: self.proxy_duration.with_label_values(&[route]),
@@ -331,10 +344,15 @@ impl Metrics {
         &self.inflight
     }
 
-    /// The exposition text; `token_valid` is read at scrape time since it
-    /// changes with the clock, not with an event.
-    pub fn render(&self, token_valid: bool) -> String {
-        self.token_valid.set(i64::from(token_valid));
+    /// The exposition text; `token_valid` of each profile, given as
+    /// `(name, valid)`, is read at scrape time since it changes with the
+    /// clock, not with an event.
+    pub fn render(&self, token_valid: &[(&str, bool)]) -> String {
+        for (name, valid) in token_valid {
+            self.token_valid
+                .with_label_values(&[name])
+                .set(i64::from(*valid));
+        }
         let mut out = String::with_capacity(8 * 1024);
         TextEncoder::new()
             .encode_utf8(&self.registry.gather(), &mut out)
@@ -348,6 +366,51 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The token series of one credentials profile ([`Metrics::credentials`]).
+pub struct CredentialsMetrics {
+    /// The profile's own grant and its counters by [`Outcome`].
+    own: (GrantKind, [IntCounter; 3]),
+    refresh: [IntCounter; 3],
+    duration: Histogram,
+    expiry: Gauge,
+    generation: IntGauge,
+    restarts: IntCounter,
+    secret_file_errors: IntCounterVec,
+}
+
+impl CredentialsMetrics {
+    /// Counts one call to the token endpoint.
+    pub fn token_request(&self, grant: GrantKind, outcome: Outcome, took: Duration) {
+        let counters = if grant == GrantKind::RefreshToken {
+            &self.refresh
+        } else {
+            debug_assert_eq!(grant, self.own.0, "a profile performs its own grant");
+            &self.own.1
+        };
+        counters[outcome as usize].inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn token_obtained(&self, generation: u64, expires_at: SystemTime) {
+        self.generation.set(generation as i64);
+        let ts = expires_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.expiry.set(ts);
+    }
+
+    pub fn refresher_restarted(&self) {
+        self.restarts.inc();
+    }
+
+    /// The error counter of the secret file named by config key `key`
+    /// (touching it shows the series at 0).
+    pub fn secret_file_errors(&self, key: &str) -> IntCounter {
+        self.secret_file_errors.with_label_values(&[key])
     }
 }
 
@@ -374,6 +437,21 @@ impl RouteMetrics {
         self.local[code as usize].inc();
     }
 
+    /// Answers from the upstream so far, by status class `1xx` to `5xx`.
+    pub fn requests_by_class(&self) -> [(&'static str, u64); 5] {
+        let mut i = 0;
+        STATUS_CLASSES.map(|class| {
+            let n = self.status[i].get();
+            i += 1;
+            (class, n)
+        })
+    }
+
+    /// Answers the sidecar made itself so far, by error code.
+    pub fn local_responses(&self) -> [(&'static str, u64); LocalError::ALL.len()] {
+        LocalError::ALL.map(|e| (e.as_str(), self.local[e as usize].get()))
+    }
+
     /// Time from request received to response head ready.
     #[inline]
     pub fn request_done(&self, took: Duration) {
@@ -397,6 +475,9 @@ mod tests {
         }
         for (i, e) in Engine::ALL.iter().enumerate() {
             assert_eq!(*e as usize, i, "{e:?}");
+        }
+        for (i, o) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*o as usize, i, "{o:?}");
         }
     }
 }

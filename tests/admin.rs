@@ -84,7 +84,7 @@ async fn scrape_at(admin: std::net::SocketAddr) -> String {
 }
 
 /// `/status` of the admin listener at `admin`.
-async fn status_at(admin: std::net::SocketAddr) -> serde_json::Value {
+async fn full_status_at(admin: std::net::SocketAddr) -> serde_json::Value {
     support::client()
         .get(format!("http://{admin}/status"))
         .send()
@@ -93,6 +93,12 @@ async fn status_at(admin: std::net::SocketAddr) -> serde_json::Value {
         .json()
         .await
         .unwrap()
+}
+
+/// `/status` of the credentials profile `default` (the single-upstream
+/// form's one profile), at `admin`.
+async fn status_at(admin: std::net::SocketAddr) -> serde_json::Value {
+    full_status_at(admin).await["credentials"]["default"].clone()
 }
 
 fn series(v: &[&str]) -> Vec<String> {
@@ -116,16 +122,20 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         (
             "token_sidecar_token_requests_total",
             "counter",
-            &["grant", "outcome"],
+            &["credentials", "grant", "outcome"],
         ),
         (
             "token_sidecar_token_request_duration_seconds",
             "histogram",
-            &[],
+            &["credentials"],
         ),
-        ("token_sidecar_token_expiry_timestamp_seconds", "gauge", &[]),
-        ("token_sidecar_token_generation", "gauge", &[]),
-        ("token_sidecar_token_valid", "gauge", &[]),
+        (
+            "token_sidecar_token_expiry_timestamp_seconds",
+            "gauge",
+            &["credentials"],
+        ),
+        ("token_sidecar_token_generation", "gauge", &["credentials"]),
+        ("token_sidecar_token_valid", "gauge", &["credentials"]),
         (
             "token_sidecar_proxy_requests_total",
             "counter",
@@ -152,7 +162,11 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
             &["reason"],
         ),
         ("token_sidecar_proxy_inflight_requests", "gauge", &[]),
-        ("token_sidecar_refresher_restarts_total", "counter", &[]),
+        (
+            "token_sidecar_refresher_restarts_total",
+            "counter",
+            &["credentials"],
+        ),
         ("token_sidecar_build_info", "gauge", &["version"]),
         // token_sidecar_secret_file_errors_total{key} shows with secret
         // files only: see secret_files_and_restarts_are_counted.
@@ -185,12 +199,15 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         families.keys().collect::<Vec<_>>()
     );
 
-    // Every label value an alert or a dashboard needs exists from the start.
+    // Every label value an alert or a dashboard needs exists from the start:
+    // the single-upstream form's one profile is `default`, and its grants
+    // are password and refresh_token (no client_credentials series).
     let token_series = &families["token_sidecar_token_requests_total"].series;
     for grant in ["password", "refresh_token"] {
         for outcome in ["success", "rejected", "error"] {
             assert!(
                 token_series.contains(&series(&[
+                    "credentials=default",
                     &format!("grant={grant}"),
                     &format!("outcome={outcome}")
                 ])),
@@ -198,6 +215,7 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
             );
         }
     }
+    assert_eq!(token_series.len(), 6, "{token_series:?}");
     // The route's series, and those of requests that match no route.
     for route in ["default", ""] {
         for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
@@ -220,17 +238,17 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
     // upstream and one from the sidecar.
     let m = |s: &str| metric(&text, s).unwrap_or_else(|| panic!("{s} in\n{text}"));
     assert_eq!(
-        m(r#"token_sidecar_token_requests_total{grant="password",outcome="success"}"#),
+        m(r#"token_sidecar_token_requests_total{credentials="default",grant="password",outcome="success"}"#),
         2.0
     );
-    assert_eq!(m("token_sidecar_token_request_duration_seconds_count"), 2.0);
-    assert_eq!(m("token_sidecar_token_generation"), 2.0);
-    assert_eq!(m("token_sidecar_token_valid"), 1.0);
+    assert_eq!(m(r#"token_sidecar_token_request_duration_seconds_count{credentials="default"}"#), 2.0);
+    assert_eq!(m(r#"token_sidecar_token_generation{credentials="default"}"#), 2.0);
+    assert_eq!(m(r#"token_sidecar_token_valid{credentials="default"}"#), 1.0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    let expiry = m("token_sidecar_token_expiry_timestamp_seconds");
+    let expiry = m(r#"token_sidecar_token_expiry_timestamp_seconds{credentials="default"}"#);
     assert!(
         (now + 290.0..now + 301.0).contains(&expiry),
         "{expiry} vs {now}"
@@ -249,7 +267,7 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
     );
     assert_eq!(m(r#"token_sidecar_proxy_request_duration_seconds_count{route="default"}"#), 3.0);
     assert_eq!(m("token_sidecar_proxy_inflight_requests"), 0.0);
-    assert_eq!(m("token_sidecar_refresher_restarts_total"), 0.0);
+    assert_eq!(m(r#"token_sidecar_refresher_restarts_total{credentials="default"}"#), 0.0);
     assert_eq!(
         m(&format!(
             r#"token_sidecar_build_info{{version="{}"}}"#,
@@ -328,18 +346,42 @@ async fn probes_status_and_forced_refresh() {
     let r = get("/readyz").await.unwrap();
     assert_eq!(r.status(), 200);
 
-    let s: serde_json::Value = get("/status").await.unwrap().json().await.unwrap();
+    assert_eq!(c.get(h.url("/api/x")).send().await.unwrap().status(), 200);
+    let all: serde_json::Value = get("/status").await.unwrap().json().await.unwrap();
+    assert_eq!(all["valid"], true);
+    assert_eq!(all["draining"], false);
+    // The single-upstream form: one profile and one route, both `default`.
+    let names = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(names(&all["credentials"]), ["default"]);
+    assert_eq!(names(&all["routes"]), ["default"]);
+    let s = &all["credentials"]["default"];
     assert_eq!(s["valid"], true);
-    assert_eq!(s["draining"], false);
     assert_eq!(s["generation"], 1);
     assert_eq!(s["grant"], "password");
+    assert_eq!(s["login_grant"], "password");
+    assert_eq!(s["required"], true);
+    assert_eq!(s["routes"], serde_json::json!(["default"]));
     assert_eq!(s["last_outcome"], "success");
     assert!(s["seconds_left"].as_u64().unwrap() > 290, "{s}");
+    let route = &all["routes"]["default"];
+    assert_eq!(route["prefix"], "/");
+    assert_eq!(route["upstream"], h.api.url("/base/"));
+    assert_eq!(route["credentials"], "default");
+    assert_eq!(route["listen"], serde_json::Value::Null);
+    assert_eq!(
+        route["requests"],
+        serde_json::json!({"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 0, "5xx": 0})
+    );
+    for secret in h.world.issued_tokens() {
+        assert!(!all.to_string().contains(&secret));
+    }
 
     // A forced refresh uses the refresh token and reports what it did.
     let r = c.post(h.admin_url("/admin/refresh")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let report: serde_json::Value = r.json().await.unwrap();
+    let all: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(names(&all["credentials"]), ["default"]);
+    let report = &all["credentials"]["default"];
     assert_eq!(report["grant"], "refresh_token");
     assert_eq!(report["outcome"], "success");
     assert_eq!(report["generation"], 2);
@@ -349,11 +391,17 @@ async fn probes_status_and_forced_refresh() {
     assert_eq!(
         metric(
             &text,
-            r#"token_sidecar_token_requests_total{grant="refresh_token",outcome="success"}"#
+            r#"token_sidecar_token_requests_total{credentials="default",grant="refresh_token",outcome="success"}"#
         ),
         Some(1.0)
     );
-    assert_eq!(metric(&text, "token_sidecar_token_generation"), Some(2.0));
+    assert_eq!(
+        metric(
+            &text,
+            r#"token_sidecar_token_generation{credentials="default"}"#
+        ),
+        Some(2.0)
+    );
 
     let r = get("/nope").await.unwrap();
     assert_eq!(r.status(), 404);
@@ -388,6 +436,8 @@ async fn a_lost_token_shows_in_readyz_status_and_metrics() {
     assert_eq!(r["last_error"], "invalid_grant");
     assert!(r["retry_after_secs"].as_u64().unwrap() >= 1);
 
+    assert_eq!(r["credentials"], "default");
+    assert_eq!(full_status_at(h.admin).await["valid"], false);
     let s = status_at(h.admin).await;
     assert_eq!(s["valid"], false);
     assert_eq!(s["last_grant"], "password");
@@ -400,13 +450,13 @@ async fn a_lost_token_shows_in_readyz_status_and_metrics() {
 
     let text = scrape(&h).await;
     let m = |s: &str| metric(&text, s).unwrap_or_else(|| panic!("{s} in\n{text}"));
-    assert_eq!(m("token_sidecar_token_valid"), 0.0);
+    assert_eq!(m(r#"token_sidecar_token_valid{credentials="default"}"#), 0.0);
     assert_eq!(
-        m(r#"token_sidecar_token_requests_total{grant="refresh_token",outcome="rejected"}"#),
+        m(r#"token_sidecar_token_requests_total{credentials="default",grant="refresh_token",outcome="rejected"}"#),
         1.0
     );
     assert_eq!(
-        m(r#"token_sidecar_token_requests_total{grant="password",outcome="rejected"}"#),
+        m(r#"token_sidecar_token_requests_total{credentials="default",grant="password",outcome="rejected"}"#),
         1.0
     );
     assert_eq!(
@@ -517,15 +567,16 @@ async fn panicking_sidecar(panics: u32) -> (support::Harness, token_sidecar::app
         &h.api.url("/base/"),
         "[refresh]\nmin_interval = \"10ms\"\nbackoff_base = \"10ms\"\nbackoff_max = \"40ms\"",
     );
-    let tls = token_sidecar::tls::client_config(None).unwrap();
-    let endpoint = Panicking {
-        inner: token_sidecar::token::client::HttpTokenClient::new(config.oauth.clone(), tls)
-            .unwrap(),
+    let running = token_sidecar::app::start_with(&config, |profile| Panicking {
+        inner: token_sidecar::token::client::HttpTokenClient::new(
+            profile.clone(),
+            token_sidecar::tls::client_config(None).unwrap(),
+        )
+        .unwrap(),
         panics: panics.into(),
-    };
-    let running = token_sidecar::app::start_with(&config, endpoint)
-        .await
-        .unwrap();
+    })
+    .await
+    .unwrap();
     (h, running)
 }
 
@@ -533,7 +584,8 @@ async fn panicking_sidecar(panics: u32) -> (support::Harness, token_sidecar::app
 async fn a_panicking_token_task_is_restarted_and_counted() {
     let (_h, running) = panicking_sidecar(2).await;
     running
-        .token
+        .token("default")
+        .expect("profile default")
         .wait_usable(0, Duration::from_secs(10))
         .await
         .expect("a token after two restarts");
@@ -543,7 +595,10 @@ async fn a_panicking_token_task_is_restarted_and_counted() {
     assert_eq!(r.status(), 200);
     let text = scrape_at(running.admin_addr).await;
     assert_eq!(
-        metric(&text, "token_sidecar_refresher_restarts_total"),
+        metric(
+            &text,
+            r#"token_sidecar_refresher_restarts_total{credentials="default"}"#
+        ),
         Some(2.0)
     );
 }
@@ -560,11 +615,14 @@ async fn healthz_fails_when_the_token_task_cannot_be_kept_running() {
     let r = c.get(admin("/healthz")).send().await.unwrap();
     assert_eq!(
         r.text().await.unwrap(),
-        "the token refresh task cannot be kept running\n"
+        "the token refresh task of credentials default cannot be kept running\n"
     );
     let text = scrape_at(running.admin_addr).await;
     assert_eq!(
-        metric(&text, "token_sidecar_refresher_restarts_total"),
+        metric(
+            &text,
+            r#"token_sidecar_refresher_restarts_total{credentials="default"}"#
+        ),
         Some(5.0)
     );
     assert_eq!(
@@ -600,7 +658,8 @@ async fn secret_file_errors_are_a_series_per_file_key() {
     .config;
     let running = token_sidecar::app::start(&config).await.unwrap();
     running
-        .token
+        .token("default")
+        .expect("profile default")
         .wait_usable(0, Duration::from_secs(10))
         .await
         .unwrap();

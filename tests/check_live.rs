@@ -290,3 +290,68 @@ async fn a_spring_401_for_a_wrong_client_secret_gets_the_client_hint() {
         );
     }
 }
+
+#[tokio::test]
+async fn every_credentials_profile_gets_one_grant_and_any_failure_exits_3() {
+    let (pay, pay_auth) = fake_auth().await;
+    let (mer, mer_auth) = fake_auth().await;
+    mer.with(|w| w.client_id = "merchants-client".into());
+    let toml = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{}{}{}{}",
+        support::profile_toml("paymentiq", &pay, &pay_auth.url("/oauth/token"), "password"),
+        support::profile_toml(
+            "merchants",
+            &mer,
+            &mer_auth.url("/oauth/token"),
+            "client_credentials"
+        ),
+        support::route_toml(
+            "backoffice",
+            "/backoffice/",
+            "http://127.0.0.1:9/",
+            "paymentiq"
+        ),
+        support::route_toml(
+            "merchants",
+            "/merchants/",
+            "http://127.0.0.1:9/",
+            "merchants"
+        ),
+    );
+    let (code, out, err) = run(toml.clone(), &["check", "--live"], |_| {}).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains(
+            "live check (credentials.merchants): success: the client_credentials grant returned \
+             a bearer token valid for 300 s (refresh token: no)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "live check (credentials.paymentiq): success: the password grant returned a bearer \
+             token valid for 300 s (refresh token: yes)"
+        ),
+        "{out}"
+    );
+    assert_eq!(pay.with(|w| w.password_grants), 1);
+    assert_eq!(mer.with(|w| w.client_credentials_grants), 1);
+
+    // One profile refused: exit 3, each profile reported.
+    mer.with(|w| w.client_secret = "something-else".into());
+    let (code, out, err) = run(toml, &["check", "--live"], |_| {}).await;
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(
+        out.contains("live check failed (credentials.merchants): invalid_client (")
+            && out.contains(
+                "the client id or client secret is wrong (credentials.merchants.client_id, \
+                 credentials.merchants.client_secret, credentials.merchants.client_auth)"
+            ),
+        "{out}"
+    );
+    assert!(
+        out.contains("live check (credentials.paymentiq): success"),
+        "{out}"
+    );
+    assert_eq!(pay.with(|w| w.password_grants), 2);
+}

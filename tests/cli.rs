@@ -28,7 +28,7 @@ fn help_names_the_environment_overrides_and_the_exit_codes() {
         "0    ran and stopped cleanly",
         "1    start-up failure",
         "2    configuration error",
-        "3    check --live: the token request failed",
+        "3    check --live: a token request failed",
         "64   command-line usage error",
     ] {
         assert!(out.contains(needle), "--help lacks {needle:?}:\n{out}");

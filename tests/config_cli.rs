@@ -373,6 +373,145 @@ fn a_variable_with_one_underscore_gets_a_warning_naming_the_form_it_meant() {
     );
 }
 
+/// A complete, valid config of the routes form with inline secrets.
+const ROUTES: &str = r#"
+[proxy]
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[credentials.paymentiq]
+token_url = "https://api.example.test/paymentiq/oauth/token"
+client_id = "client"
+client_secret = "Sekr1t-client"
+username = "user"
+password = "Sekr1t-pass"
+[credentials.merchants]
+grant = "client_credentials"
+token_url = "https://auth.example.test/oauth2/token"
+client_id = "merchants"
+client_secret = "Sekr1t-merchants"
+[route.backoffice]
+prefix = "/backoffice/"
+upstream = "https://api.example.test/paymentiq/backoffice/"
+credentials = "paymentiq"
+[route.merchants]
+prefix = "/merchants/"
+upstream = "https://merchants.example.test/api/v2/"
+credentials = "merchants"
+"#;
+
+#[test]
+fn the_routes_form_passes_and_variables_reach_the_keys_of_routes_and_profiles() {
+    let (out, _dir) = check_toml(ROUTES, &[]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("configuration is valid"), "{out:?}");
+    // Three-part variables, named as such in the problems they cause.
+    let (out, _dir) = check_toml(
+        ROUTES,
+        &[
+            ("TOKEN_SIDECAR_ROUTE__MERCHANTS__UPSTREAM", "ftp://x"),
+            (
+                "TOKEN_SIDECAR_CREDENTIALS__MERCHANTS__PASSWORD",
+                "Sekr1t-env",
+            ),
+            ("TOKEN_SIDECAR_CREDENTIALS__PAYMENTIQ__TIMEOUT", "0s"),
+        ],
+    );
+    assert_problems(
+        &out,
+        &[
+            "3 configuration problems:",
+            "route.merchants.upstream (environment variable TOKEN_SIDECAR_ROUTE__MERCHANTS__UPSTREAM): \
+             \"ftp://x\" must be an http:// or https:// URL with a host\n",
+            "credentials.merchants.password (environment variable \
+             TOKEN_SIDECAR_CREDENTIALS__MERCHANTS__PASSWORD): the client_credentials grant sends no \
+             user: remove it, or set grant = \"password\"\n",
+            "credentials.paymentiq.timeout (environment variable \
+             TOKEN_SIDECAR_CREDENTIALS__PAYMENTIQ__TIMEOUT): must be greater than 0\n",
+        ],
+    );
+    // One underscore too few: the form it meant.
+    let (out, _dir) = check_toml(
+        ROUTES,
+        &[("TOKEN_SIDECAR_ROUTE_MERCHANTS_REQUEST_TIMEOUT", "5s")],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "warning: environment variable TOKEN_SIDECAR_ROUTE_MERCHANTS_REQUEST_TIMEOUT is not \
+             read: did you mean TOKEN_SIDECAR_ROUTE__MERCHANTS__REQUEST_TIMEOUT?"
+        ),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_variable_cannot_create_a_route_or_a_profile_the_file_lacks() {
+    let env = [
+        ("TOKEN_SIDECAR_ROUTE__EXTRA__PREFIX", "/extra/"),
+        (
+            "TOKEN_SIDECAR_ROUTE__EXTRA__UPSTREAM",
+            "https://x.example.test/",
+        ),
+        ("TOKEN_SIDECAR_CREDENTIALS__SPARE__CLIENT_ID", "x"),
+    ];
+    for toml in [ROUTES, VALID] {
+        let (out, _dir) = check_toml(toml, &env);
+        assert_problems(
+            &out,
+            &[
+                "2 configuration problems:",
+                "route.extra (environment variable TOKEN_SIDECAR_ROUTE__EXTRA__PREFIX, \
+                 environment variable TOKEN_SIDECAR_ROUTE__EXTRA__UPSTREAM): an environment variable \
+                 cannot create a route: the file has no [route.extra] (variables override the keys \
+                 of the routes the file has)\n",
+                "credentials.spare (environment variable TOKEN_SIDECAR_CREDENTIALS__SPARE__CLIENT_ID): \
+                 an environment variable cannot create a credentials profile: the file has no \
+                 [credentials.spare]",
+            ],
+        );
+        // Neither a mix of the forms nor unknown keys besides.
+        assert!(!out.stderr.contains("mixed"), "{out:?}");
+        assert!(!out.stderr.contains("unknown"), "{out:?}");
+    }
+}
+
+#[test]
+fn every_problem_of_the_routes_form_is_named_by_its_key_in_one_pass() {
+    let toml = ROUTES
+        .replace("credentials = \"merchants\"", "credentials = \"merchant\"")
+        .replace("prefix = \"/merchants/\"", "prefix = \"/backoffice/\"")
+        .replace("[route.backoffice]", "[route.Backoffice]")
+        .replace("client_secret = \"Sekr1t-merchants\"", "client_secret = \"Sekr1t-merchants\"\nusername = \"u\"")
+        + "[route.nowhere]\nprefix = \"nowhere\"\nupstream = \"https://n.example.test/\"\ncredentials = \"paymentiq\"\n"
+        + "[credentials.spare]\ngrant = \"client_credentials\"\ntoken_url = \"https://a.example.test/t\"\nclient_id = \"c\"\nclient_secret = \"Sekr1t-spare\"\n";
+    let (out, _dir) = check_toml(&toml, &[]);
+    assert_problems(
+        &out,
+        &[
+            "5 configuration problems:",
+            "route.Backoffice (sidecar.toml): \"Backoffice\" is not a valid route name",
+            "credentials.merchants.username (sidecar.toml): the client_credentials grant sends no user",
+            "route.merchants.credentials (sidecar.toml): \"merchant\" is not a credentials profile \
+             (profiles: merchants, paymentiq, spare): did you mean \"merchants\"?\n",
+            "route.merchants.prefix (sidecar.toml): \"/backoffice/\" is also the prefix of route \
+             Backoffice on the same listener (proxy.listen)\n",
+            "route.nowhere.prefix (sidecar.toml): \"nowhere\" must start and end with '/'",
+            "warning: credentials.spare: no route uses this credentials profile",
+        ],
+    );
+    // Both forms at once.
+    let (out, _dir) = check_toml(&format!("{ROUTES}[oauth]\nclient_id = \"x\"\n"), &[]);
+    assert_problems(
+        &out,
+        &[
+            "1 configuration problem:",
+            "oauth (sidecar.toml): the single-upstream form (proxy.upstream with [oauth]) cannot be \
+             mixed with [route.NAME] and [credentials.NAME] tables",
+        ],
+    );
+}
+
 #[test]
 fn a_value_of_the_wrong_type_is_one_problem_in_the_files_terms() {
     let (out, _dir) = check_toml(
@@ -468,6 +607,76 @@ fn the_shipped_config_toml_passes_with_its_secret_files_provided() {
         assert_problems(
             &out,
             &["oauth.client_secret_file (", "oauth.password_file ("],
+        );
+    }
+}
+
+#[test]
+fn the_routes_form_shown_in_config_toml_passes_in_place_of_the_single_upstream_form() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+    let (active, rest) = shipped
+        .split_once("# ---- The routes form")
+        .expect("config.toml shows the routes form");
+    let (block, after) = rest
+        .split_once("# ---- end of the routes form")
+        .expect("the end of the routes form");
+    let uncommented: String = block
+        .lines()
+        .skip_while(|l| !l.starts_with("# ["))
+        .map(|l| l.strip_prefix("# ").or(l.strip_prefix('#')).unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    // The file without proxy.upstream and [oauth], with the routes instead.
+    let without_oauth = active
+        .split_once("\n[oauth]")
+        .map(|(before, _)| before)
+        .expect("an [oauth] table");
+    let without_upstream: String = without_oauth
+        .lines()
+        .filter(|l| !l.starts_with("upstream = "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let after = after.split_once('\n').map_or("", |(_, rest)| rest);
+    let toml = format!("{without_upstream}\n{uncommented}\n{after}");
+    assert!(
+        !toml.lines().any(|l| l.starts_with("[oauth]")) && toml.contains("\n[route.merchants]"),
+        "{toml}"
+    );
+
+    let dir = TempDir::new().unwrap();
+    let secret = |name: &str| write(dir.path(), name, "s3cret\n");
+    let files = [
+        (
+            "TOKEN_SIDECAR_CREDENTIALS__PAYMENTIQ__CLIENT_SECRET_FILE",
+            secret("client_secret"),
+        ),
+        (
+            "TOKEN_SIDECAR_CREDENTIALS__PAYMENTIQ__PASSWORD_FILE",
+            secret("password"),
+        ),
+        (
+            "TOKEN_SIDECAR_CREDENTIALS__MERCHANTS__CLIENT_SECRET_FILE",
+            secret("merchants_client_secret"),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(k, v)| (*k, v.to_str().unwrap()))
+        .collect();
+    let (out, _dir) = check_toml(&toml, &env);
+    assert_eq!(out.code, 0, "{out:?}\n{toml}");
+    assert!(out.stdout.contains("configuration is valid"), "{out:?}");
+    // Without the secret files, the problems name the profiles' keys.
+    let (out, _dir) = check_toml(&toml, &[]);
+    if !Path::new("/etc/token-sidecar/secrets/password").exists() {
+        assert_problems(
+            &out,
+            &[
+                "credentials.paymentiq.client_secret_file (",
+                "credentials.paymentiq.password_file (",
+                "credentials.merchants.client_secret_file (",
+            ],
         );
     }
 }

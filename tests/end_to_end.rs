@@ -355,19 +355,19 @@ async fn tokens_are_refreshed_ahead_of_expiry_while_requests_flow() {
     assert_eq!(password, 1, "refreshes use the refresh_token grant");
     assert!(refresh >= 2);
     assert_eq!(rejected, 0, "an expired token was injected");
-    assert!(h.running().token.status().generation >= 3);
+    assert!(h.running().token("default").expect("profile default").status().generation >= 3);
 
     let text = metrics(&h).await;
     let series = |s: &str| support::metric(&text, s).unwrap_or_else(|| panic!("{s}\n{text}"));
     assert!(
-        series("token_sidecar_token_requests_total{grant=\"refresh_token\",outcome=\"success\"}")
+        series("token_sidecar_token_requests_total{credentials=\"default\",grant=\"refresh_token\",outcome=\"success\"}")
             >= 2.0
     );
     assert_eq!(
-        series("token_sidecar_token_requests_total{grant=\"password\",outcome=\"success\"}"),
+        series("token_sidecar_token_requests_total{credentials=\"default\",grant=\"password\",outcome=\"success\"}"),
         1.0
     );
-    assert!(series("token_sidecar_token_generation") >= 3.0);
+    assert!(series("token_sidecar_token_generation{credentials=\"default\"}") >= 3.0);
     assert!(series("token_sidecar_proxy_requests_total{route=\"default\",status_class=\"2xx\"}") >= requests as f64);
 }
 
@@ -384,7 +384,7 @@ async fn a_refused_login_answers_503_at_once_instead_of_holding_requests() {
         "[oauth]\npassword = \"wrong\"\n[proxy]\ntoken_wait = \"15s\"",
     )
     .await;
-    let token = h.running().token.clone();
+    let token = h.running().token("default").expect("profile default").clone();
     support::eventually(Duration::from_secs(10), "the refused login", || {
         let token = token.clone();
         async move { token.status().last_error.as_deref() == Some("invalid_grant") }

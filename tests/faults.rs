@@ -259,16 +259,19 @@ impl Rig {
         )
     }
 
+    /// `/status` of the one credentials profile, `default`.
     async fn status(&self) -> Value {
         let (_, body) = self.admin_get("/status").await;
-        serde_json::from_str(&body).expect("/status is JSON")
+        let all: Value = serde_json::from_str(&body).expect("/status is JSON");
+        all["credentials"]["default"].clone()
     }
 
     async fn generation(&self) -> u64 {
         self.status().await["generation"].as_u64().unwrap_or(0)
     }
 
-    /// `POST /admin/refresh`: forces one attempt and reports it.
+    /// `POST /admin/refresh`: forces one attempt and reports it (the
+    /// report of the one profile, `default`).
     async fn refresh(&self) -> (u16, Value) {
         let resp = self
             .http
@@ -279,7 +282,7 @@ impl Rig {
         let status = resp.status().as_u16();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         self.local_bodies.lock().unwrap().push(body.to_string());
-        (status, body)
+        (status, body["credentials"]["default"].clone())
     }
 
     async fn wait_ok(&self, path: &str) {
@@ -1301,7 +1304,10 @@ async fn token_endpoint_64_mib_body_keeps_the_binary_memory_flat() {
         .json()
         .await
         .unwrap();
-    assert_eq!(status["last_error"], "response_too_large");
+    assert_eq!(
+        status["credentials"]["default"]["last_error"],
+        "response_too_large"
+    );
     // Buffering one flood would take 64 MiB; the cap keeps the whole
     // process far below that.
     let peak = sidecar.peak_rss_kib();

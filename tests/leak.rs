@@ -180,7 +180,10 @@ async fn trace_run(oauth_extra: &str) -> (Process, Haystacks, Vec<String>) {
             .json()
             .await
             .unwrap();
-        s["seconds_left"].as_u64().unwrap_or(0) > 100
+        s["credentials"]["default"]["seconds_left"]
+            .as_u64()
+            .unwrap_or(0)
+            > 100
     })
     .await;
 
@@ -367,7 +370,10 @@ async fn the_token_lifecycle_is_logged_at_info_and_failures_with_the_oauth_error
             .json()
             .await
             .unwrap();
-        s["seconds_left"].as_u64().unwrap_or(0) > 100
+        s["credentials"]["default"]["seconds_left"]
+            .as_u64()
+            .unwrap_or(0)
+            > 100
     })
     .await;
     world.revoke_access_tokens();
@@ -446,6 +452,15 @@ async fn the_token_lifecycle_is_logged_at_info_and_failures_with_the_oauth_error
         (&"ERROR".into(), &"invalid_grant".into(), &"password".into())
     );
     assert!(rejected[0]["hint"].as_str().unwrap().contains("password"));
+    // Every line of the token task names its credentials profile.
+    let token_lines: Vec<_> = lines
+        .iter()
+        .filter(|l| l["target"] == "token_sidecar::token::refresher")
+        .collect();
+    assert!(token_lines.len() >= 5, "{token_lines:?}");
+    for l in token_lines {
+        assert_eq!(l["credentials"], "default", "{l}");
+    }
 }
 }
 

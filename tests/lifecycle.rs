@@ -136,7 +136,7 @@ impl Endpoint {
             .or_else(|| s.script.pop_front())
             .unwrap_or(Answer::Issue);
         if let (Grant::Password, Some(expected)) = (grant, s.password) {
-            if credentials.password.expose_secret() != expected {
+            if credentials.password.as_ref().map(|p| p.expose_secret()) != Some(expected) {
                 answer = Answer::Rejected(400, "invalid_grant");
             }
         }
@@ -171,7 +171,7 @@ impl Endpoint {
                 let n = s.issued;
                 let access = format!("access-{n}-0123456789abcdefSECRET");
                 let rt = match grant {
-                    Grant::Password => s.issue_refresh,
+                    Grant::Password | Grant::ClientCredentials => s.issue_refresh,
                     Grant::RefreshToken(_) => s.rotate,
                 }
                 .then(|| format!("refresh-{n}"));
@@ -191,7 +191,7 @@ fn call(at: Duration, grant: &Grant, timeout: Duration, ok: bool) -> Call {
         grant: grant.kind(),
         refresh_token: match grant {
             Grant::RefreshToken(rt) => Some(rt.expose_secret().to_owned()),
-            Grant::Password => None,
+            Grant::Password | Grant::ClientCredentials => None,
         },
         timeout,
         ok,
@@ -246,10 +246,13 @@ fn inline(value: &str) -> SecretSource {
 
 fn settings() -> Settings {
     Settings {
+        name: "default".into(),
+        table: "oauth".into(),
+        grant: GrantKind::Password,
         refresh: defaults(),
         oauth_timeout: S(10),
         client_secret: LiveSecret::new("oauth.client_secret", inline("client-secret")),
-        password: LiveSecret::new("oauth.password", inline("password")),
+        password: Some(LiveSecret::new("oauth.password", inline("password"))),
     }
 }
 
@@ -271,7 +274,7 @@ impl Drop for Sidecar {
 
 fn start(endpoint: &Endpoint, settings: Settings, jitter: fn() -> f64) -> Sidecar {
     let metrics = Arc::new(Metrics::new());
-    let (token, task) = refresher::spawn(endpoint.clone(), settings, metrics.clone(), jitter);
+    let (token, task) = refresher::spawn(endpoint.clone(), settings, &metrics, jitter);
     Sidecar {
         token,
         task,
@@ -460,12 +463,139 @@ async fn refused_refresh_token_falls_back_to_the_password_grant_at_once() {
             "{code}"
         );
         // The refused call counts as rejected; the token never lapsed.
-        let m = sidecar.metrics.render(true);
+        let m = sidecar.metrics.render(&[("default", true)]);
         assert!(
-            m.contains("token_sidecar_token_requests_total{grant=\"refresh_token\",outcome=\"rejected\"} 1"),
+            m.contains("token_sidecar_token_requests_total{credentials=\"default\",grant=\"refresh_token\",outcome=\"rejected\"} 1"),
             "{m}"
         );
     }
+}
+
+// ---------------------------------------------------------------- client_credentials
+
+/// The settings of a client_credentials profile: no password.
+fn client_credentials() -> Settings {
+    Settings {
+        name: "merchants".into(),
+        table: "credentials.merchants".into(),
+        grant: GrantKind::ClientCredentials,
+        password: None,
+        ..settings()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_credentials_refreshes_with_a_new_grant_when_no_refresh_token_was_issued() {
+    // RFC 6749 4.4.3: a refresh token should not be issued.
+    let endpoint = Endpoint::new(S(100));
+    endpoint.with(|s| s.issue_refresh = false);
+    let sidecar = start(&endpoint, client_credentials(), half);
+    generation(&sidecar, 4, S(400)).await;
+    let calls = endpoint.calls();
+    let times: Vec<_> = calls.iter().map(|c| (c.at, c.grant)).collect();
+    // The same schedule as the password grant's refreshes.
+    let every = token_sidecar::token::schedule::refresh_after(S(100), 0.5, &defaults());
+    assert_eq!(every, MS(67_500));
+    assert_eq!(
+        times[..4],
+        [0, 1, 2, 3].map(|k| (every * k, GrantKind::ClientCredentials))
+    );
+    let m = sidecar.metrics.render(&[("merchants", true)]);
+    assert!(
+        m.contains("token_sidecar_token_requests_total{credentials=\"merchants\",grant=\"client_credentials\",outcome=\"success\"} 4"),
+        "{m}"
+    );
+    assert!(!m.contains("grant=\"password\""), "{m}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_credentials_refreshes_with_the_refresh_token_if_one_was_issued() {
+    let endpoint = Endpoint::new(S(100));
+    endpoint.with(|s| {
+        s.script = [
+            Answer::Issue,
+            Answer::Issue,
+            Answer::Rejected(400, "invalid_grant"),
+        ]
+        .into()
+    });
+    let sidecar = start(&endpoint, client_credentials(), half);
+    generation(&sidecar, 3, S(400)).await;
+    let calls = endpoint.calls();
+    let grants: Vec<_> = calls
+        .iter()
+        .map(|c| (c.grant, c.refresh_token.as_deref()))
+        .collect();
+    // Refresh token; then one refused: a new client_credentials grant at once.
+    assert_eq!(
+        grants[..4],
+        [
+            (GrantKind::ClientCredentials, None),
+            (GrantKind::RefreshToken, Some("refresh-1")),
+            (GrantKind::RefreshToken, Some("refresh-2")),
+            (GrantKind::ClientCredentials, None),
+        ]
+    );
+    assert_eq!(
+        calls[3].at, calls[2].at,
+        "the grant follows the refusal at once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_client_is_a_permanent_error_retried_slowly() {
+    // invalid_client in a 401 (RFC 6749 5.2), and invalid_grant, which a
+    // grant without a user can only mean of the client.
+    for (status, code) in [
+        (401, "invalid_client"),
+        (400, "invalid_grant"),
+        (400, "unauthorized_client"),
+    ] {
+        let endpoint = Endpoint::new(S(100));
+        endpoint.with(|s| s.down = Some(Answer::Rejected(status, code)));
+        let sidecar = start(&endpoint, client_credentials(), half);
+        at(&endpoint, S(200)).await;
+        let calls = endpoint.calls();
+        let times: Vec<_> = calls.iter().map(|c| (c.at, c.grant)).collect();
+        // rejected_backoff from 1 min (jitter 0.5: 90 s), not backoff_max_without_token.
+        assert_eq!(
+            times,
+            [
+                (S(0), GrantKind::ClientCredentials),
+                (S(90), GrantKind::ClientCredentials),
+            ],
+            "{code}"
+        );
+        let status = sidecar.token.status();
+        assert_eq!(
+            status.last_cause,
+            Some(token_sidecar::token::Cause::ClientRefused),
+            "{code}"
+        );
+        assert_eq!(
+            status.last_cause.unwrap().hint_in("credentials.merchants"),
+            "the client id or client secret is wrong (credentials.merchants.client_id, \
+             credentials.merchants.client_secret, credentials.merchants.client_auth), or the client \
+             may not use this grant"
+        );
+        // Upstream 401s do not hurry it.
+        sidecar.token.invalidate(0);
+        at(&endpoint, S(100)).await;
+        assert_eq!(endpoint.calls().len(), 2, "{code}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_upstream_401_makes_client_credentials_grant_first() {
+    let endpoint = Endpoint::new(S(100));
+    let sidecar = start(&endpoint, client_credentials(), half);
+    generation(&sidecar, 1, S(1)).await;
+    at(&endpoint, S(10)).await;
+    sidecar.token.invalidate(1);
+    generation(&sidecar, 2, S(2)).await;
+    let calls = endpoint.calls();
+    assert_eq!(calls[1].grant, GrantKind::ClientCredentials);
+    assert_eq!(calls[1].at, S(10));
 }
 
 #[tokio::test(start_paused = true)]
@@ -693,7 +823,7 @@ async fn refused_login_retries_slowly_and_at_once_when_the_secret_file_changes()
     let endpoint = Endpoint::new(S(3600));
     endpoint.with(|s| s.password = Some("new-password"));
     let mut settings = settings();
-    settings.password = LiveSecret::new("oauth.password_file", source);
+    settings.password = Some(LiveSecret::new("oauth.password_file", source));
     let sidecar = start(&endpoint, settings, half);
 
     // Refused at once; no token, and clients are told to come back much later.
@@ -722,9 +852,9 @@ async fn refused_login_retries_slowly_and_at_once_when_the_secret_file_changes()
         sidecar.token.status().reason,
         Some(token_sidecar::token::Reason::SecretChanged)
     );
-    let m = sidecar.metrics.render(true);
+    let m = sidecar.metrics.render(&[("default", true)]);
     assert!(
-        m.contains("token_sidecar_token_requests_total{grant=\"password\",outcome=\"rejected\"} 3"),
+        m.contains("token_sidecar_token_requests_total{credentials=\"default\",grant=\"password\",outcome=\"rejected\"} 3"),
         "{m}"
     );
 }
@@ -871,7 +1001,7 @@ async fn status_shows_token_metadata_and_never_the_token() {
         format!("{:?}", sidecar.token.status()),
         format!("{:?}", sidecar.token.usable()),
         serde_json::to_string(&report).unwrap(),
-        sidecar.metrics.render(true),
+        sidecar.metrics.render(&[("default", true)]),
     ] {
         assert!(!text.contains("SECRET"), "a token leaked: {text}");
         assert!(
@@ -1100,12 +1230,15 @@ async fn a_secret_file_found_empty_keeps_its_last_good_value_and_is_counted() {
     let endpoint = Endpoint::new(S(100));
     endpoint.with(|s| s.password = Some("pw-1"));
     let mut settings = settings();
-    settings.password = LiveSecret::new("oauth.password_file", SecretSource::File(path.clone()));
+    settings.password = Some(LiveSecret::new(
+        "oauth.password_file",
+        SecretSource::File(path.clone()),
+    ));
     let sidecar = start(&endpoint, settings, half);
     generation(&sidecar, 1, S(1)).await;
     let series = "token_sidecar_secret_file_errors_total{key=\"oauth.password_file\"}";
     assert_eq!(
-        support::metric(&sidecar.metrics.render(true), series),
+        support::metric(&sidecar.metrics.render(&[("default", true)]), series),
         Some(0.0)
     );
 
@@ -1118,7 +1251,7 @@ async fn a_secret_file_found_empty_keeps_its_last_good_value_and_is_counted() {
         assert_eq!(endpoint.calls().last().unwrap().grant, GrantKind::Password);
     }
     assert_eq!(
-        support::metric(&sidecar.metrics.render(true), series),
+        support::metric(&sidecar.metrics.render(&[("default", true)]), series),
         Some(2.0)
     );
     std::fs::write(&path, "pw-1\n").unwrap();
@@ -1126,7 +1259,7 @@ async fn a_secret_file_found_empty_keeps_its_last_good_value_and_is_counted() {
     sidecar.token.invalidate(3);
     generation(&sidecar, 4, S(2)).await;
     assert_eq!(
-        support::metric(&sidecar.metrics.render(true), series),
+        support::metric(&sidecar.metrics.render(&[("default", true)]), series),
         Some(2.0)
     );
 
@@ -1154,8 +1287,8 @@ async fn a_secret_file_found_empty_keeps_its_last_good_value_and_is_counted() {
 
 fn restarts(sidecar: &Sidecar) -> Option<f64> {
     support::metric(
-        &sidecar.metrics.render(true),
-        "token_sidecar_refresher_restarts_total",
+        &sidecar.metrics.render(&[("default", true)]),
+        "token_sidecar_refresher_restarts_total{credentials=\"default\"}",
     )
 }
 

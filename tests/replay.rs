@@ -83,7 +83,7 @@ async fn thousand_concurrent_requests_at_start_cause_one_password_grant() {
     )
     .await;
     assert_eq!(
-        running.token.status().generation,
+        running.token("default").expect("profile default").status().generation,
         0,
         "all waited for the first token"
     );
@@ -151,7 +151,7 @@ async fn retry_off_passes_401_back_and_asks_for_no_token() {
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(token_calls(&h.world), calls);
     assert_eq!(metric(&h, RETRIES).await, 0.0);
-    assert_eq!(h.running().token.status().generation, 1);
+    assert_eq!(h.running().token("default").expect("profile default").status().generation, 1);
 }
 }
 
@@ -231,7 +231,8 @@ async fn picky(status: u16, www_authenticate: &'static str, overrides: &str) -> 
     );
     let running = support::start_sidecar(&config).await;
     running
-        .token
+        .token("default")
+        .expect("profile default")
         .wait_usable(0, Duration::from_secs(10))
         .await
         .unwrap();
@@ -301,7 +302,7 @@ async fn large_body_meeting_a_401_is_passed_back_and_a_small_body_is_replayed_in
 
     // The 401 still invalidated generation 1: a new token comes anyway.
     p.running
-        .token
+        .token("default").expect("profile default")
         .wait_usable(1, Duration::from_secs(5))
         .await
         .expect("a new token after the 401");

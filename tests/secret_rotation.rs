@@ -97,7 +97,7 @@ async fn rotated_secret_files_take_effect_without_a_restart() {
     world.revoke_access_tokens();
     world.revoke_refresh_tokens();
     let _ = get().await; // meets the 401; no new token can be had yet
-    let token = sidecar.token.clone();
+    let token = sidecar.token("default").expect("profile default").clone();
     support::eventually(Duration::from_secs(5), "the login is refused", || async {
         token.status().last_error.as_deref() == Some("invalid_grant")
     })

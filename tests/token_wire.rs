@@ -1,7 +1,9 @@
 //! The token request exactly as it goes on the wire, seen by the fake token
-//! endpoint: for every `oauth.params_in` x `oauth.client_auth`, the method,
-//! `Accept`, client authentication, where the parameters go and how awkward
-//! values are encoded, for the password grant and the refresh_token grant.
+//! endpoint: for every `params_in` x `client_auth`, the method, `Accept`,
+//! client authentication, where the parameters go and how awkward values are
+//! encoded, for the password grant, the client_credentials grant (RFC 6749
+//! 4.4, a `[credentials.NAME]` profile with `grant = "client_credentials"`)
+//! and the refresh_token grant.
 
 mod support;
 
@@ -246,6 +248,139 @@ async fn form_with_body_credentials() {
     wire_case("form", "body").await;
 }
 
+/// A sidecar of the routes form whose one profile, `api`, uses the
+/// client_credentials grant in the given modes, with 1.2 s tokens.
+async fn start_client_credentials(
+    world: &Arc<World>,
+    params_in: &str,
+    client_auth: &str,
+) -> (
+    fake::FakeServer,
+    fake::FakeServer,
+    token_sidecar::app::Running,
+) {
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let auth = fake::token_endpoint(world.clone(), loopback).await.unwrap();
+    let api = fake::backoffice(world.clone(), loopback).await.unwrap();
+    let tables = support::profile_toml(
+        "api",
+        world,
+        &auth.url("/oauth/token"),
+        "client_credentials",
+    ) + &format!(
+        "params_in = \"{params_in}\"\nclient_auth = \"{client_auth}\"\n{EXTRA_TOML}\n"
+    ) + &support::route_toml("api", "/", &api.url("/"), "api");
+    let config = support::routes_config(&tables, "[refresh]\nmin_interval = \"100ms\"");
+    let running = support::start_sidecar(&config).await;
+    running
+        .token("api")
+        .expect("profile api")
+        .wait_usable(0, Duration::from_secs(10))
+        .await
+        .expect("a token");
+    (auth, api, running)
+}
+
+/// The requests the fake saw with this `grant_type`, once there are `n`.
+async fn grants_seen(world: &Arc<World>, grant: &str, n: usize) -> Vec<SeenRequest> {
+    let of_grant = |w: &fake::WorldState| -> Vec<SeenRequest> {
+        w.seen
+            .iter()
+            .filter(|s| s.param("grant_type") == Some(grant))
+            .cloned()
+            .collect()
+    };
+    let w = world.clone();
+    support::eventually(
+        Duration::from_secs(5),
+        &format!("{n} {grant} grants"),
+        || {
+            let w = w.clone();
+            async move { w.with(|w| of_grant(w).len()) >= n }
+        },
+    )
+    .await;
+    world.with(|w| of_grant(w))
+}
+
+/// One cell of the client_credentials matrix: the first grant and the due
+/// refresh (a new client_credentials grant: the server issued no refresh
+/// token), in the same placement and client authentication.
+async fn client_credentials_case(params_in: &str, client_auth: &str) {
+    let world = awkward_world(1.2);
+    let (_auth, _api, running) = start_client_credentials(&world, params_in, client_auth).await;
+    let seen = grants_seen(&world, "client_credentials", 2).await;
+    let want = expected(&[("grant_type", "client_credentials")], client_auth, "");
+    for s in &seen {
+        assert_wire(s, params_in, client_auth, &want);
+        assert!(s.param("username").is_none() && s.param("password").is_none());
+    }
+    assert_eq!(
+        header(&seen[0], "authorization"),
+        header(&seen[1], "authorization")
+    );
+    assert_eq!(
+        world.with(|w| (w.password_grants, w.refresh_grants)),
+        (0, 0)
+    );
+    running.shutdown_now().await;
+}
+
+#[tokio::test]
+async fn client_credentials_query_with_basic() {
+    client_credentials_case("query", "basic").await;
+}
+
+#[tokio::test]
+async fn client_credentials_query_with_basic_rfc() {
+    client_credentials_case("query", "basic-rfc").await;
+}
+
+#[tokio::test]
+async fn client_credentials_query_with_body_credentials() {
+    client_credentials_case("query", "body").await;
+}
+
+#[tokio::test]
+async fn client_credentials_form_with_basic() {
+    client_credentials_case("form", "basic").await;
+}
+
+#[tokio::test]
+async fn client_credentials_form_with_basic_rfc() {
+    client_credentials_case("form", "basic-rfc").await;
+}
+
+#[tokio::test]
+async fn client_credentials_form_with_body_credentials() {
+    client_credentials_case("form", "body").await;
+}
+
+#[tokio::test]
+async fn client_credentials_refreshes_with_the_refresh_token_when_one_was_issued() {
+    let world = awkward_world(1.2);
+    world.with(|w| w.refresh_token_with_client_credentials = true);
+    let (_auth, _api, running) = start_client_credentials(&world, "form", "body").await;
+    let refresh = grants_seen(&world, "refresh_token", 1).await;
+    let rt = refresh[0]
+        .param("refresh_token")
+        .unwrap_or_default()
+        .to_owned();
+    assert!(rt.starts_with("fake-refresh-1-"), "{rt}");
+    assert_wire(
+        &refresh[0],
+        "form",
+        "body",
+        &expected(
+            &[("grant_type", "refresh_token"), ("refresh_token", &rt)],
+            "body",
+            "",
+        ),
+    );
+    assert_eq!(world.with(|w| w.client_credentials_grants), 1);
+    running.shutdown_now().await;
+}
+
 #[tokio::test]
 async fn basic_rfc_encodes_a_colon_in_the_client_id() {
     // With raw Basic a colon in the id would move the split point; the RFC
@@ -307,7 +442,8 @@ async fn the_documented_paymentiq_example_byte_for_byte() {
     );
     let running = support::start_sidecar(&config).await;
     running
-        .token
+        .token("default")
+        .expect("profile default")
         .wait_usable(0, Duration::from_secs(10))
         .await
         .expect("a token");
@@ -341,7 +477,8 @@ async fn query_params_follow_a_query_the_token_url_already_has() {
     );
     let running = support::start_sidecar(&config).await;
     running
-        .token
+        .token("default")
+        .expect("profile default")
         .wait_usable(0, Duration::from_secs(10))
         .await
         .expect("a token");

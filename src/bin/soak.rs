@@ -394,7 +394,7 @@ async fn drive(
     );
     let refused_logins = metric(
         &metrics,
-        "token_sidecar_token_requests_total{grant=\"password\",outcome=\"rejected\"}",
+        "token_sidecar_token_requests_total{credentials=\"default\",grant=\"password\",outcome=\"rejected\"}",
     );
     let revocations = injected
         .iter()

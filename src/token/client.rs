@@ -12,7 +12,7 @@ use serde_json::Value;
 use url::form_urlencoded;
 
 use super::error::{ErrorCode, GrantKind, TokenError};
-use crate::config::{ClientAuth, OAuthConfig, ParamsIn};
+use crate::config::{ClientAuth, CredentialsConfig, Login, ParamsIn};
 use crate::secret::{redact_text, SecretFileError};
 
 /// Largest token response read; a larger one is an error, not a buffer.
@@ -21,7 +21,11 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// One grant to perform.
 #[derive(Clone)]
 pub enum Grant {
+    /// RFC 6749 4.3, with the profile's username and password.
     Password,
+    /// RFC 6749 4.4: the client alone.
+    ClientCredentials,
+    /// RFC 6749 6.
     RefreshToken(SecretString),
 }
 
@@ -29,7 +33,17 @@ impl Grant {
     pub fn kind(&self) -> GrantKind {
         match self {
             Grant::Password => GrantKind::Password,
+            Grant::ClientCredentials => GrantKind::ClientCredentials,
             Grant::RefreshToken(_) => GrantKind::RefreshToken,
+        }
+    }
+
+    /// The grant a profile logs in with (and falls back to when its
+    /// refresh token is refused).
+    pub fn login(login: &Login) -> Grant {
+        match login {
+            Login::Password { .. } => Grant::Password,
+            Login::ClientCredentials => Grant::ClientCredentials,
         }
     }
 }
@@ -39,16 +53,20 @@ impl Grant {
 /// [`crate::secret::LiveSecret`]).
 pub struct Credentials {
     pub client_secret: SecretString,
-    /// Sent only with the password grant.
-    pub password: SecretString,
+    /// The password of a password-grant profile; sent only with the
+    /// password grant.
+    pub password: Option<SecretString>,
 }
 
 impl Credentials {
-    /// Both secrets read now, as configured (`check --live`).
-    pub fn load(cfg: &OAuthConfig) -> Result<Self, SecretFileError> {
+    /// The profile's secrets read now, as configured (`check --live`).
+    pub fn load(cfg: &CredentialsConfig) -> Result<Self, SecretFileError> {
         Ok(Credentials {
             client_secret: cfg.client_secret.load()?,
-            password: cfg.password.load()?,
+            password: match &cfg.login {
+                Login::Password { password, .. } => Some(password.load()?),
+                Login::ClientCredentials => None,
+            },
         })
     }
 }
@@ -74,14 +92,15 @@ pub trait TokenEndpoint: Send + Sync + 'static {
     ) -> impl Future<Output = Result<TokenResponse, TokenError>> + Send;
 }
 
-/// The token endpoint over HTTP, as `[oauth]` describes it.
+/// The token endpoint over HTTP, as a credentials profile (`[oauth]` or
+/// `[credentials.NAME]`) describes it.
 pub struct HttpTokenClient {
     http: reqwest::Client,
-    cfg: OAuthConfig,
+    cfg: CredentialsConfig,
 }
 
 impl HttpTokenClient {
-    pub fn new(cfg: OAuthConfig, tls: rustls::ClientConfig) -> Result<Self, reqwest::Error> {
+    pub fn new(cfg: CredentialsConfig, tls: rustls::ClientConfig) -> Result<Self, reqwest::Error> {
         // reqwest honours HTTPS_PROXY / NO_PROXY by default, like the upstream client.
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
@@ -103,9 +122,14 @@ impl HttpTokenClient {
         params.append_pair("grant_type", grant.kind().as_str());
         match grant {
             Grant::Password => {
-                params.append_pair("username", &self.cfg.username);
+                let username = match &self.cfg.login {
+                    Login::Password { username, .. } => username.as_str(),
+                    Login::ClientCredentials => "",
+                };
+                params.append_pair("username", username);
                 params.append_pair("password", password.map_or("", |p| p.expose_secret()));
             }
+            Grant::ClientCredentials => {}
             Grant::RefreshToken(rt) => {
                 params.append_pair("refresh_token", rt.expose_secret());
             }
@@ -131,8 +155,8 @@ impl HttpTokenClient {
     ) -> Result<TokenResponse, TokenError> {
         let secret = &credentials.client_secret;
         let password = match grant {
-            Grant::Password => Some(&credentials.password),
-            Grant::RefreshToken(_) => None,
+            Grant::Password => credentials.password.as_ref(),
+            Grant::ClientCredentials | Grant::RefreshToken(_) => None,
         };
         let params = self.params(grant, password, secret);
 
@@ -184,7 +208,7 @@ impl HttpTokenClient {
         .flatten()
         .chain(match grant {
             Grant::RefreshToken(rt) => Some(rt.expose_secret()),
-            Grant::Password => None,
+            Grant::Password | Grant::ClientCredentials => None,
         })
         .collect();
         parse_token_response(

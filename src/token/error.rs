@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use crate::secret::{redact_text, SecretFileError};
 
-/// The two grants the sidecar uses.
+/// The grants the sidecar uses: a profile's own (`password` or
+/// `client_credentials`), and `refresh_token` when the server issued one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GrantKind {
     Password,
     RefreshToken,
+    ClientCredentials,
 }
 
 impl GrantKind {
@@ -20,6 +22,15 @@ impl GrantKind {
         match self {
             GrantKind::Password => "password",
             GrantKind::RefreshToken => "refresh_token",
+            GrantKind::ClientCredentials => "client_credentials",
+        }
+    }
+
+    /// The grant a profile logs in with.
+    pub fn of(login: &crate::config::Login) -> GrantKind {
+        match login {
+            crate::config::Login::Password { .. } => GrantKind::Password,
+            crate::config::Login::ClientCredentials => GrantKind::ClientCredentials,
         }
     }
 }
@@ -127,8 +138,8 @@ pub enum ErrorClass {
     /// failed logins can lock the backoffice user: retry slowly, or at once
     /// when a secret file changes.
     Permanent,
-    /// The refresh token is no good any more: drop it and do the password
-    /// grant at once.
+    /// The refresh token is no good any more: drop it and do the profile's
+    /// own grant (password or client_credentials) at once.
     RefreshRefused,
 }
 
@@ -194,7 +205,19 @@ impl Cause {
         }
     }
 
-    /// What an operator should check, for `check --live`, error logs and `/status`.
+    /// [`Cause::hint`] with its keys under `table`, the profile's table
+    /// (`oauth.token_url` becomes `credentials.merchants.token_url`).
+    pub fn hint_in(self, table: &str) -> std::borrow::Cow<'static, str> {
+        let hint = self.hint();
+        if table == "oauth" {
+            hint.into()
+        } else {
+            hint.replace("oauth.", &format!("{table}.")).into()
+        }
+    }
+
+    /// What an operator should check, for `check --live`, error logs and
+    /// `/status`; the keys as in the single-upstream form (see [`Cause::hint_in`]).
     pub fn hint(self) -> &'static str {
         match self {
             Cause::ClientRefused => {
@@ -205,7 +228,7 @@ impl Cause {
                 "the username or password is wrong, or the backoffice user is locked"
             }
             Cause::RefreshTokenRefused => {
-                "the refresh token was refused; the password grant takes over"
+                "the refresh token was refused; the profile's own grant (password or client_credentials) takes over"
             }
             Cause::GrantUnsupported => "the server does not allow this grant for this client",
             Cause::ScopeRefused => "oauth.scope is not allowed",
@@ -236,6 +259,9 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in the order of their series.
+    pub const ALL: [Outcome; 3] = [Outcome::Success, Outcome::Rejected, Outcome::Error];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Success => "success",
@@ -279,7 +305,12 @@ impl TokenError {
                     // themselves are wrong.
                     Cause::RefreshTokenRefused
                 } else if code.is("invalid_grant") || code.is("invalid_request") {
-                    Cause::UserRefused
+                    // With no user in the request, the client itself.
+                    if grant == GrantKind::ClientCredentials {
+                        Cause::ClientRefused
+                    } else {
+                        Cause::UserRefused
+                    }
                 } else if code.is("unsupported_grant_type") {
                     Cause::GrantUnsupported
                 } else if code.is("invalid_scope") {

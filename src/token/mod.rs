@@ -24,6 +24,28 @@ use tokio::time::Instant;
 
 pub use error::{Cause, ErrorClass, ErrorCode, GrantKind, Outcome, TokenError};
 
+/// A credentials profile of the running sidecar: its token source, and
+/// what the admin server tells about it.
+pub struct Profile {
+    pub name: String,
+    /// Where its keys are in the configuration (`oauth`, `credentials.NAME`).
+    pub table: String,
+    /// The grant it logs in with: password or client_credentials.
+    pub grant: GrantKind,
+    /// Whether `/readyz` waits for its token (when a route uses it).
+    pub required: bool,
+    /// The routes that inject its token.
+    pub routes: Vec<String>,
+    pub token: Arc<TokenHandle>,
+}
+
+impl Profile {
+    /// Whether `/readyz` waits for this profile's token.
+    pub fn gates_readiness(&self) -> bool {
+        self.required && !self.routes.is_empty()
+    }
+}
+
 /// The token as the proxy needs it.
 #[derive(Debug)]
 pub struct Token {

@@ -5,9 +5,17 @@
 //! [`super::schedule`], publishes tokens through the [`TokenHandle`] and keeps
 //! the status snapshot current.
 //!
+//! There is one such task per credentials profile, each with the whole
+//! lifecycle below on its own: its own token, generations, schedule,
+//! backoff and secrets. Every line it logs names its profile
+//! (`credentials`). A profile logs in with its own grant: `password`
+//! (RFC 6749 4.3) or `client_credentials` (4.4); below, "the password
+//! grant" stands for either.
+//!
 //! The ladder:
 //! - scheduled refresh: the refresh_token grant when a refresh token is held,
-//!   else the password grant;
+//!   else the password grant (for client_credentials, a new grant: most
+//!   servers issue no refresh token with it);
 //! - refresh refused (`invalid_grant`, Spring's 401 `invalid_token`, ...): drop
 //!   the refresh token and do the password grant at once;
 //! - the upstream rejected our token (a 401 replay asked for a new one): the
@@ -42,9 +50,10 @@
 //! `refresh.backoff_max_without_token` apart: every request meanwhile gets a
 //! 503, and the first attempt after the endpoint comes back ends the outage.
 //!
-//! Secrets: the client secret and the password are read right before every
-//! attempt ([`LiveSecret`]); a file found unreadable or empty is logged and
-//! counted, and its last good value is sent instead.
+//! Secrets: the client secret and the password (of a password-grant
+//! profile) are read right before every attempt ([`LiveSecret`]); a file
+//! found unreadable or empty is logged and counted, and its last good value
+//! is sent instead.
 //!
 //! Supervision: the loop runs in a task of its own under [`supervise`]. If it
 //! ever panics, it is restarted with backoff (a fresh loop that logs in
@@ -68,36 +77,57 @@ use super::client::{Credentials, Grant, TokenEndpoint, TokenResponse};
 use super::error::{ErrorClass, GrantKind, Outcome, TokenError};
 use super::schedule;
 use super::{AttemptReport, Command, Reason, Status, Token, TokenHandle};
-use crate::config::{Config, RefreshConfig};
-use crate::metrics::Metrics;
+use crate::config::{CredentialsConfig, Login, RefreshConfig};
+use crate::metrics::{CredentialsMetrics, Metrics};
 use crate::secret::{redact_text, LiveSecret, SecretFileError, SecretSource};
 
-/// What the refresh loop needs from the configuration: one credential
+/// What the refresh loop needs from the configuration: one credentials
 /// profile's worth, self-contained.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The profile's name, on every log line and in the metrics.
+    pub name: String,
+    /// Where its keys are (`oauth`, `credentials.NAME`), for the hints.
+    pub table: String,
+    /// The grant the profile logs in with: password or client_credentials.
+    pub grant: GrantKind,
     pub refresh: RefreshConfig,
     pub oauth_timeout: Duration,
     /// Read before every attempt; a change of either file triggers an
     /// immediate retry after a refused login.
     pub client_secret: LiveSecret,
-    pub password: LiveSecret,
+    /// The password of a password-grant profile.
+    pub password: Option<LiveSecret>,
 }
 
 impl Settings {
-    pub fn from_config(config: &Config) -> Self {
+    pub fn from_profile(profile: &CredentialsConfig, refresh: &RefreshConfig) -> Self {
         let live = |key: &str, source: &SecretSource| {
             let key = match source {
-                SecretSource::File(_) => format!("{key}_file"),
-                SecretSource::Inline(_) => key.to_owned(),
+                SecretSource::File(_) => format!("{}.{key}_file", profile.table),
+                SecretSource::Inline(_) => format!("{}.{key}", profile.table),
             };
             LiveSecret::new(key, source.clone())
         };
         Settings {
-            refresh: config.refresh.clone(),
-            oauth_timeout: config.oauth.timeout,
-            client_secret: live("oauth.client_secret", &config.oauth.client_secret),
-            password: live("oauth.password", &config.oauth.password),
+            name: profile.name.clone(),
+            table: profile.table.clone(),
+            grant: GrantKind::of(&profile.login),
+            refresh: refresh.clone(),
+            oauth_timeout: profile.timeout,
+            client_secret: live("client_secret", &profile.client_secret),
+            password: match &profile.login {
+                Login::Password { password, .. } => Some(live("password", password)),
+                Login::ClientCredentials => None,
+            },
+        }
+    }
+
+    /// The profile's own grant.
+    fn login_grant(&self) -> Grant {
+        match self.grant {
+            GrantKind::ClientCredentials => Grant::ClientCredentials,
+            _ => Grant::Password,
         }
     }
 }
@@ -120,11 +150,12 @@ pub const MAX_RESTARTS_IN_A_ROW: u32 = 5;
 pub fn spawn<E: TokenEndpoint>(
     endpoint: E,
     settings: Settings,
-    metrics: Arc<Metrics>,
+    metrics: &Metrics,
     jitter: fn() -> f64,
 ) -> (Arc<TokenHandle>, JoinHandle<()>) {
     let (handle, commands) = TokenHandle::new();
-    for secret in [&settings.client_secret, &settings.password] {
+    let metrics = Arc::new(metrics.credentials(&settings.name, settings.grant));
+    for secret in std::iter::once(&settings.client_secret).chain(&settings.password) {
         if secret.is_file() {
             metrics.secret_file_errors(secret.key());
         }
@@ -145,7 +176,7 @@ pub fn spawn<E: TokenEndpoint>(
 struct Shared<E> {
     endpoint: Arc<E>,
     settings: Settings,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CredentialsMetrics>,
     jitter: fn() -> f64,
     handle: Arc<TokenHandle>,
     /// Held by the running loop; released when it ends, panic included.
@@ -178,14 +209,15 @@ async fn supervise<E: TokenEndpoint>(shared: Shared<E>) {
         in_a_row += 1;
         if in_a_row > MAX_RESTARTS_IN_A_ROW {
             shared.handle.set_refresher_failed();
-            error!(restarts_in_a_row = in_a_row - 1, panic = %why,
+            error!(credentials = shared.settings.name.as_str(), restarts_in_a_row = in_a_row - 1, panic = %why,
                 "the token refresh task cannot be kept running: no new token will be obtained; /healthz now fails so that the container is restarted");
             return;
         }
         let delay =
             schedule::restart_backoff(in_a_row, (shared.jitter)(), &shared.settings.refresh);
         shared.metrics.refresher_restarted();
-        error!(restarts_in_a_row = in_a_row, restart_in_ms = millis(delay), panic = %why,
+        error!(credentials = shared.settings.name.as_str(), restarts_in_a_row = in_a_row,
+            restart_in_ms = millis(delay), panic = %why,
             "the token refresh task panicked; restarting it");
         tokio::time::sleep(delay).await;
     }
@@ -213,7 +245,7 @@ struct Failure {
     grant: GrantKind,
     error: String,
     cause: &'static str,
-    hint: &'static str,
+    hint: std::borrow::Cow<'static, str>,
 }
 
 struct Refresher<E> {
@@ -221,7 +253,7 @@ struct Refresher<E> {
     settings: Settings,
     handle: Arc<TokenHandle>,
     commands: Arc<Mutex<mpsc::Receiver<Command>>>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<CredentialsMetrics>,
     jitter: fn() -> f64,
     held: Option<Held>,
     refresh_token: Option<SecretString>,
@@ -347,7 +379,10 @@ impl<E: TokenEndpoint> Refresher<E> {
         // value, unchanged, is then what is compared).
         let _ = self.read_secrets();
         if self.fingerprints() != self.prints_at_attempt {
-            info!("a secret file changed; retrying the login now");
+            info!(
+                credentials = self.settings.name.as_str(),
+                "a secret file changed; retrying the login now"
+            );
             self.secret_poll_at = None;
             self.next = self.earliest();
             self.next_reason = Reason::SecretChanged;
@@ -371,16 +406,18 @@ impl<E: TokenEndpoint> Refresher<E> {
         let next_in = self.next.saturating_duration_since(Instant::now());
         match &self.last_failure {
             Some(f) => warn!(
+                credentials = self.settings.name.as_str(),
                 generation = self.generation,
                 last_failure_at = %humantime::format_rfc3339_millis(f.at),
                 last_grant = %f.grant,
                 error = f.error.as_str(),
                 cause = f.cause,
-                hint = f.hint,
+                hint = %f.hint,
                 next_attempt_in_ms = millis(next_in),
                 "token unusable: no new token before the old one's expiry margin; requests get 503 until one comes"
             ),
             None => warn!(
+                credentials = self.settings.name.as_str(),
                 generation = self.generation,
                 next_attempt_in_ms = millis(next_in),
                 "token unusable: no new token before the old one's expiry margin; requests get 503 until one comes"
@@ -389,18 +426,21 @@ impl<E: TokenEndpoint> Refresher<E> {
     }
 
     fn choose_grant(&self, reason: Reason) -> Grant {
-        let password_first = reason == Reason::Upstream401 && self.same_token_answers == 0;
+        let login_first = reason == Reason::Upstream401 && self.same_token_answers == 0;
         match &self.refresh_token {
-            Some(rt) if !password_first => Grant::RefreshToken(rt.clone()),
-            _ => Grant::Password,
+            Some(rt) if !login_first => Grant::RefreshToken(rt.clone()),
+            _ => self.settings.login_grant(),
         }
     }
 
-    /// Reads both secrets (a bad re-read is logged and counted, and the
-    /// last good value used); an error only if one was never good.
+    /// Reads the profile's secrets (a bad re-read is logged and counted,
+    /// and the last good value used); an error only if one was never good.
     fn read_secrets(&mut self) -> Result<Credentials, SecretFileError> {
         let client_secret = self.read_secret(0)?;
-        let password = self.read_secret(1)?;
+        let password = match self.settings.password {
+            Some(_) => Some(self.read_secret(1)?),
+            None => None,
+        };
         Ok(Credentials {
             client_secret,
             password,
@@ -408,9 +448,9 @@ impl<E: TokenEndpoint> Refresher<E> {
     }
 
     fn read_secret(&mut self, i: usize) -> Result<SecretString, SecretFileError> {
-        let secret = match i {
-            0 => &mut self.settings.client_secret,
-            _ => &mut self.settings.password,
+        let secret = match (i, &mut self.settings.password) {
+            (1, Some(password)) => password,
+            _ => &mut self.settings.client_secret,
         };
         let key = secret.key().to_owned();
         let read = secret.read();
@@ -424,6 +464,7 @@ impl<E: TokenEndpoint> Refresher<E> {
                 let text = p.describe();
                 if self.secret_problems[i].as_ref() != Some(&text) {
                     error!(
+                        credentials = self.settings.name.as_str(),
                         key = key.as_str(),
                         problem = text.as_str(),
                         using_last_good_value = read.is_ok(),
@@ -434,7 +475,11 @@ impl<E: TokenEndpoint> Refresher<E> {
             }
             None => {
                 if self.secret_problems[i].take().is_some() {
-                    info!(key = key.as_str(), "secret file usable again");
+                    info!(
+                        credentials = self.settings.name.as_str(),
+                        key = key.as_str(),
+                        "secret file usable again"
+                    );
                 }
             }
         }
@@ -552,7 +597,8 @@ impl<E: TokenEndpoint> Refresher<E> {
                     cfg,
                 )
             };
-            info!(grant = %kind, reason = %reason, generation = self.generation,
+            info!(credentials = self.settings.name.as_str(), grant = %kind, reason = %reason,
+                generation = self.generation,
                 retry_in_ms = millis(self.next.saturating_duration_since(now)),
                 "token endpoint answered with the token already held; expiry unchanged");
             return Ok(());
@@ -578,7 +624,7 @@ impl<E: TokenEndpoint> Refresher<E> {
         });
         self.generation += 1;
         self.same_token_answers = 0;
-        self.follower = reason == Reason::Upstream401 && kind == GrantKind::Password;
+        self.follower = reason == Reason::Upstream401 && kind == self.settings.grant;
         self.handle.publish(Token {
             generation: self.generation,
             header,
@@ -602,6 +648,7 @@ impl<E: TokenEndpoint> Refresher<E> {
         self.status.grant = Some(kind);
         self.status.reason = Some(reason);
         info!(
+            credentials = self.settings.name.as_str(),
             grant = %kind,
             reason = %reason,
             generation = self.generation,
@@ -613,6 +660,7 @@ impl<E: TokenEndpoint> Refresher<E> {
         );
         if let Some(since) = lapsed_at {
             info!(
+                credentials = self.settings.name.as_str(),
                 generation = self.generation,
                 outage_ms = millis(now.saturating_duration_since(since)),
                 "token usable again"
@@ -633,7 +681,7 @@ impl<E: TokenEndpoint> Refresher<E> {
             grant: kind,
             error: e.code().to_owned(),
             cause: cause.as_str(),
-            hint: cause.hint(),
+            hint: cause.hint_in(&self.settings.table),
         });
         let description = match &e {
             TokenError::Rejected { description, .. } => description.clone(),
@@ -646,9 +694,9 @@ impl<E: TokenEndpoint> Refresher<E> {
             .filter(|d| !d.is_zero());
         match cause.class() {
             ErrorClass::RefreshRefused => {
-                warn!(grant = %kind, reason = %reason, error = e.code(), cause = cause.as_str(),
-                    description = description.as_deref(),
-                    "refresh token refused; dropping it and using the password grant");
+                warn!(credentials = self.settings.name.as_str(), grant = %kind, reason = %reason,
+                    error = e.code(), cause = cause.as_str(), description = description.as_deref(),
+                    "refresh token refused; dropping it and using the {} grant", self.settings.grant);
                 self.refresh_token = None;
                 self.next = now;
                 self.next_reason = Reason::RefreshRefused;
@@ -663,8 +711,8 @@ impl<E: TokenEndpoint> Refresher<E> {
                 );
                 self.next = now + delay;
                 self.next_reason = Reason::Retry;
-                warn!(grant = %kind, reason = %reason, error = e.code(), cause = cause.as_str(),
-                    failures = self.transient_failures, retry_in_ms = millis(delay),
+                warn!(credentials = self.settings.name.as_str(), grant = %kind, reason = %reason,
+                    error = e.code(), cause = cause.as_str(), failures = self.transient_failures, retry_in_ms = millis(delay),
                     token_valid_for_ms = valid_for.map(millis),
                     cause_chain = %error_chain(&e), "token request failed; will retry");
             }
@@ -680,8 +728,9 @@ impl<E: TokenEndpoint> Refresher<E> {
                 } else {
                     "token request failed"
                 };
-                error!(grant = %kind, reason = %reason, error = e.code(), cause = cause.as_str(),
-                    description = description.as_deref(), hint = cause.hint(),
+                error!(credentials = self.settings.name.as_str(), grant = %kind, reason = %reason,
+                    error = e.code(), cause = cause.as_str(), description = description.as_deref(),
+                    hint = %cause.hint_in(&self.settings.table),
                     failures = self.rejected_failures, retry_in_s = delay.as_secs(),
                     cause_chain = %error_chain(&e), "{message}");
             }
@@ -691,7 +740,10 @@ impl<E: TokenEndpoint> Refresher<E> {
     fn fingerprints(&self) -> [Option<u64>; 2] {
         [
             self.settings.client_secret.fingerprint(),
-            self.settings.password.fingerprint(),
+            self.settings
+                .password
+                .as_ref()
+                .and_then(LiveSecret::fingerprint),
         ]
     }
 }

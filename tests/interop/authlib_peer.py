@@ -1,6 +1,7 @@
 """Interop peer: Authlib's Flask AuthorizationServer + ResourceProtector, in memory.
 
-  POST /oauth/token             password + refresh_token grants, client auth client_secret_basic
+  POST /oauth/token             password, refresh_token and client_credentials grants, client auth
+                                client_secret_basic; client_credentials issues no refresh token
   GET|POST|... /api/<path>      RFC 9068 JWT bearer protected (ResourceProtector); echoes the request
   POST /_admin/forget-refresh   forget every refresh token (also: SIGHUP)
   POST /_admin/revoke-access    at the next API request, a new signing key: every access token
@@ -58,6 +59,7 @@ refresh_tokens = {}  # refresh token -> RefreshRecord (live ones only)
 stats = {
     "password": 0,  # successful grants by type
     "refresh_token": 0,
+    "client_credentials": 0,
     "rejected": {},  # "<grant>:<error>" -> n
     "refresh_reuses": 0,  # successful refresh grants presenting a refresh token used before
     "refresh_chain_max": 0,  # rotation only: longest password->refresh->refresh chain
@@ -97,7 +99,7 @@ class Client:
         return endpoint == "token" and method == "client_secret_basic"
 
     def check_grant_type(self, grant_type):
-        return grant_type in ("password", "refresh_token")
+        return grant_type in ("password", "refresh_token", "client_credentials")
 
     def get_allowed_scope(self, scope):
         # Default scope when none is requested: Authlib's RFC 9068 generator writes
@@ -153,6 +155,10 @@ class PasswordGrant(grants.ResourceOwnerPasswordCredentialsGrant):
         return None
 
 
+class ClientCredentialsGrant(grants.ClientCredentialsGrant):
+    TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic"]
+
+
 class RefreshTokenGrant(grants.RefreshTokenGrant):
     TOKEN_ENDPOINT_AUTH_METHODS = ["client_secret_basic"]
     INCLUDE_NEW_REFRESH_TOKEN = ROTATE
@@ -204,6 +210,7 @@ server.register_token_generator(
 )
 server.register_grant(PasswordGrant)
 server.register_grant(RefreshTokenGrant)
+server.register_grant(ClientCredentialsGrant)
 require_oauth = ResourceProtector()
 require_oauth.register_token_validator(TokenValidator(issuer=ISSUER, resource_server=RESOURCE, realm="interop"))
 
@@ -214,7 +221,7 @@ def issue_token():
     resp = server.create_token_response()
     with lock:
         if resp.status_code == 200:
-            if grant in ("password", "refresh_token"):
+            if grant in ("password", "refresh_token", "client_credentials"):
                 stats[grant] += 1
         else:
             try:

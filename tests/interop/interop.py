@@ -4,7 +4,8 @@
   wait-status URL STATUS TIMEOUT [PID] poll URL until it answers STATUS (exit 1 on timeout or
                                        when process PID has exited)
   never-status URL STATUS SECONDS      poll URL for SECONDS; exit 1 if it ever answers STATUS
-  load URL SECONDS RATE OUT.json       steady GET/POST traffic through the sidecar; summary to OUT
+  load URL SECONDS RATE OUT.json [PATH] steady GET/POST traffic through the sidecar; summary to OUT
+                                       (PATH: the path the peer must see, when a route maps it)
   get URL                              print the body of a GET (exit 1 unless 200)
   post URL                             POST with an empty body, print the answer
   json FILE EXPR                       print EXPR evaluated on the JSON in FILE (as `d`)
@@ -80,14 +81,16 @@ def never_status(url, status, seconds):
     return 0
 
 
-def load(url, seconds, rate, out):
+def load(url, seconds, rate, out, upstream_path=None):
     """~RATE requests/s for SECONDS from 2 keep-alive connections, alternating GET and POST.
 
-    A request counts as ok only if the peer answered it: 200 with the echo JSON of our path,
-    our body (POST), and a bearer Authorization header that the sidecar injected.
+    A request counts as ok only if the peer answered it: 200 with the echo JSON of our path
+    (or of upstream_path, where a route maps the path), our body (POST), and a bearer
+    Authorization header that the sidecar injected.
     """
     seconds, rate = float(seconds), float(rate)
     u = urllib.parse.urlsplit(url)
+    upstream_path = upstream_path or u.path
     workers = 2
     interval = workers / rate
     lock = threading.Lock()
@@ -147,7 +150,7 @@ def load(url, seconds, rate, out):
                     d = json.loads(data)
                     hdr = {k.lower(): v for k, v in d["headers"].items()}
                     good = (
-                        d["path"] == u.path
+                        d["path"] == upstream_path
                         and d["method"] == ("POST" if post else "GET")
                         and (not post or d["body"] == body.decode())
                         and hdr.get("authorization", "").startswith("Bearer ")

@@ -1,7 +1,8 @@
 'use strict';
 // Interop peer: @node-oauth/oauth2-server behind a bare node:http server.
 //
-//   POST /oauth/token            password + refresh_token grants (client auth: HTTP Basic or body)
+//   POST /oauth/token            password, refresh_token and client_credentials grants (client auth:
+//                                HTTP Basic or body); client_credentials issues no refresh token
 //   GET|POST|... /api/*          bearer-protected; echoes the request as JSON
 //   POST /_admin/forget-refresh  forget every refresh token (also: SIGHUP)
 //   POST /_admin/revoke-access   at the next API request, revoke every access token issued until
@@ -34,7 +35,7 @@ for (const pair of (env.EXTRA_CLIENTS || '').split(',').filter(Boolean)) {
   const i = pair.indexOf(':');
   CLIENTS.set(pair.slice(0, i), pair.slice(i + 1));
 }
-const GRANTS = ['password', 'refresh_token'];
+const GRANTS = ['password', 'refresh_token', 'client_credentials'];
 const USER = {
   id: 'u1',
   username: env.USERNAME || 'backoffice',
@@ -47,6 +48,7 @@ const revokedRefresh = new Set(); // rotated-away refresh tokens (to tell reuse 
 const stats = {
   password: 0, // successful grants by type
   refresh_token: 0,
+  client_credentials: 0,
   rejected: {}, // "<grant>:<error>" -> n
   refresh_chain_max: 0, // longest password->refresh->refresh... chain seen
   refresh_reused_revoked: 0, // refresh grants presenting an already-rotated token
@@ -71,6 +73,10 @@ const model = {
     if (!CLIENTS.has(clientId)) return null;
     if (clientSecret != null && clientSecret !== CLIENTS.get(clientId)) return null;
     return { id: clientId, grants: GRANTS };
+  },
+  async getUserFromClient(client) {
+    // The client_credentials grant: the client acts for itself.
+    return { id: 'client:' + client.id, username: client.id };
   },
   async getUser(username, password) {
     if (username === USER.username && password === USER.password) return { id: USER.id, username };
@@ -148,7 +154,7 @@ async function handleToken(req, res, url, raw) {
   const grant = String(body.grant_type || '');
   try {
     const tok = await oauth.token(request, response);
-    if (grant === 'password' || grant === 'refresh_token') stats[grant]++;
+    if (GRANTS.includes(grant)) stats[grant]++;
     if (grant === 'refresh_token') stats.refresh_chain_max = Math.max(stats.refresh_chain_max, tok.chain);
     log('token', grant, 'ok chain', tok.chain);
   } catch (e) {

@@ -18,7 +18,11 @@
 # (c) the peer forgets its refresh tokens: still every request 200, the password grant takes
 # over; (d) wrong password, wrong client secret: /readyz 503, the "token request rejected"
 # log line with the OAuth error code, local 503s, no crash loop, no login storm; (e) a client
-# secret with reserved characters, with the client_auth setting this peer needs.
+# secret with reserved characters, with the client_auth setting this peer needs; (f) the
+# client_credentials grant (RFC 6749 4.4), configured as a [credentials.NAME] profile behind a
+# [route.NAME] with prefix /peer/: steady traffic, every request 200, a new client_credentials
+# grant for each token (the peers issue no refresh token with it), the revocation replay, and a
+# wrong client secret refused as in (d).
 # Env: STEADY_SECONDS (16), AFTER_FORGET_SECONDS (6), RATE (20 req/s), PEERS ("node authlib"),
 #      KEEP_WORK=1 (keep the temp dir with configs and logs).
 set -euo pipefail
@@ -175,6 +179,35 @@ level = "info"
 EOF
 }
 
+write_cc_config() { # file client_id secret_file: the routes form, one client_credentials profile
+  cat > "$1" <<EOF
+[proxy]
+listen = "127.0.0.1:$SIDE_PORT"
+retry_on_401 = "invalid_token"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+
+[credentials.peer]
+grant = "client_credentials"
+token_url = "http://127.0.0.1:$PEER_PORT/oauth/token"
+client_id = "$2"
+client_secret_file = "$3"
+params_in = "form"
+client_auth = "basic"
+timeout = "10s"
+
+[route.peer]
+prefix = "/peer/"
+upstream = "http://127.0.0.1:$PEER_PORT/"
+credentials = "peer"
+
+[log]
+format = "json"
+level = "info"
+EOF
+}
+
 SIDE_PID=
 start_sidecar() { # tag config
   SIDE_LOG="$PW/sidecar-$1.log"
@@ -190,6 +223,56 @@ stop_sidecar() {
 stat_of() { { H get "$PEER/_admin/stats" > "$PW/stats.json" && H json "$PW/stats.json" "$1"; } || echo -1; }
 metric_of() { { H get "$ADMIN/metrics" > "$PW/metrics.txt" && H metric "$PW/metrics.txt" "$@"; } || echo -1; }
 rejected_of() { stat_of "sum(v for k, v in d['rejected'].items() if k.startswith('$1:'))"; }
+
+# refused_login LABEL TAG CONFIG GRANT WANT PATH: starts a sidecar on CONFIG whose GRANT the peer
+# refuses with the OAuth error WANT: /readyz 503, one ERROR "token request rejected" line with the
+# grant and the code, a proxied request to PATH answered 503 with Retry-After, still running after
+# ~10 s (no crash loop), at most 3 refused logins (no login storm). Stops the sidecar.
+# revocation_replay LABEL URL OUT.json [PATH]: the peer revokes every access token at the next API
+# request; 3 s of traffic to URL (the peer sees PATH) must all be 200, some replayed after the 401.
+# Sets REQ, NON (non-200 and transport errors), BAD (unexpected bodies) and REPLAYS.
+revocation_replay() {
+  local label=$1 url=$2 out=$3 path=${4:-} before after
+  echo "-- $label peer revokes every access token at the next API request; 3s more"
+  before=$(metric_of token_sidecar_upstream_retries_total reason=401)
+  H post "$PEER/_admin/revoke-access" > /dev/null
+  H load "$url" 3 "$RATE" "$out" ${path:+"$path"}
+  REQ=$(H json "$out" "d['requests']")
+  NON=$(H json "$out" "d['non_200'] + d['transport_errors']")
+  BAD=$(H json "$out" "d['bad_bodies']")
+  after=$(metric_of token_sidecar_upstream_retries_total reason=401)
+  REPLAYS=$((after - before))
+  echo "   $(H json "$out" "{k: d[k] for k in ('requests', 'statuses', 'transport_errors', 'max_latency_ms', 'seconds')}")"
+  check "$label $REQ requests after the revocation, every one 200 ($REPLAYS replayed after a 401)" \
+    test "$NON" -eq 0 -a "$BAD" -eq 0 -a "$REPLAYS" -gt 0
+  [[ $NON == 0 && $BAD == 0 ]] || echo "   first failures: $(H json "$out" "d['first_failures']")"
+}
+
+refused_login() {
+  local label=$1 tag=$2 cfg=$3 grant=$4 want=$5 path=$6 before after lines ok_line probe_pid
+  before=$(rejected_of "$grant")
+  start_sidecar "$tag" "$cfg"
+  check "$label: /readyz 503 within 5s" H wait-status "$ADMIN/readyz" 503 5 "$SIDE_PID"
+  ok_line=false
+  for _ in $(seq 1 50); do
+    if H log-rejected "$SIDE_LOG" | grep -q -- "^ERROR $grant $want\$"; then ok_line=true; break; fi
+    sleep 0.1
+  done
+  lines=$(H log-rejected "$SIDE_LOG" | sort | uniq -c | sed 's/^ *//' | paste -sd';' -)
+  check "$label: ERROR \"token request rejected\" grant=$grant error=$want [${lines:-none}]" $ok_line
+  # A proxied request waits up to proxy.token_wait (10s by default) for a token, then 503.
+  H probe "$SIDE$path" "$PW/probe-$tag.json" &
+  probe_pid=$!
+  check "$label: never ready over 5s" H never-status "$ADMIN/readyz" 200 5
+  wait "$probe_pid" || true
+  check "$label: proxied request answered $(H json "$PW/probe-$tag.json" "str(d['status']) + ' after ' + str(d['elapsed_ms']) + ' ms: ' + d['body'][:40]")" \
+    test "$(H json "$PW/probe-$tag.json" "str(d['status']) + ':' + str('retry-after' in d['headers'])")" = "503:True"
+  check "$label: still running after ~10s (no crash loop)" alive "$SIDE_PID"
+  after=$(rejected_of "$grant")
+  check "$label: no login storm ($((after - before)) refused $grant grants, <= 3)" \
+    test $((after - before)) -ge 1 -a $((after - before)) -le 3
+  stop_sidecar
+}
 
 run_peer() {
   local name=$1 fails_before=$FAIL
@@ -277,19 +360,9 @@ run_peer() {
   fi
 
   # (r) access tokens revoked at the peer: upstream 401 invalid_token, replayed with a new token
-  local retries_r0 retries_r req_r non_r bad_r
-  echo "-- $name (r) peer revokes every access token at the next API request; 3s more"
-  retries_r0=$(metric_of token_sidecar_upstream_retries_total reason=401)
-  H post "$PEER/_admin/revoke-access" > /dev/null
-  H load "$SIDE/api/echo" 3 "$RATE" "$PW/load-r.json"
-  req_r=$(H json "$PW/load-r.json" "d['requests']")
-  non_r=$(H json "$PW/load-r.json" "d['non_200'] + d['transport_errors']")
-  bad_r=$(H json "$PW/load-r.json" "d['bad_bodies']")
-  retries_r=$(metric_of token_sidecar_upstream_retries_total reason=401)
-  echo "   $(H json "$PW/load-r.json" "{k: d[k] for k in ('requests', 'statuses', 'transport_errors', 'max_latency_ms', 'seconds')}")"
-  check "$name (r) $req_r requests after the revocation, every one 200 ($((retries_r - retries_r0)) replayed after a 401)" \
-    test "$non_r" -eq 0 -a "$bad_r" -eq 0 -a "$retries_r" -gt "$retries_r0"
-  [[ $non_r == 0 && $bad_r == 0 ]] || echo "   first failures: $(H json "$PW/load-r.json" "d['first_failures']")"
+  local req_r non_r bad_r
+  revocation_replay "$name (r)" "$SIDE/api/echo" "$PW/load-r.json"
+  req_r=$REQ non_r=$NON bad_r=$BAD
 
   # (c) the peer forgets its refresh tokens: the password grant takes over
   echo "-- $name (c) peer forgets its refresh tokens; ${AFTER_FORGET_SECONDS}s more"
@@ -319,32 +392,11 @@ run_peer() {
   stop_sidecar
 
   # (d) wrong password, wrong client secret
-  local kind cfg want before after lines ok_line
+  local kind cfg want
   for kind in password client; do
     if [[ $kind == password ]]; then cfg="$PW/bad-password.toml" want=$wrong_password_error; else cfg="$PW/bad-secret.toml" want=$wrong_client_error; fi
     echo "-- $name (d) wrong $kind (the peer answers $want)"
-    before=$(rejected_of password)
-    start_sidecar "bad-$kind" "$cfg"
-    check "$name (d) wrong $kind: /readyz 503 within 5s" H wait-status "$ADMIN/readyz" 503 5 "$SIDE_PID"
-    ok_line=false
-    for _ in $(seq 1 50); do
-      if H log-rejected "$SIDE_LOG" | grep -q -- "^ERROR password $want\$"; then ok_line=true; break; fi
-      sleep 0.1
-    done
-    lines=$(H log-rejected "$SIDE_LOG" | sort | uniq -c | sed 's/^ *//' | paste -sd';' -)
-    check "$name (d) wrong $kind: ERROR \"token request rejected\" grant=password error=$want [${lines:-none}]" $ok_line
-    # A proxied request waits up to proxy.token_wait (10s by default) for a token, then 503.
-    H probe "$SIDE/api/echo" "$PW/probe-$kind.json" &
-    local probe_pid=$!
-    check "$name (d) wrong $kind: never ready over 5s" H never-status "$ADMIN/readyz" 200 5
-    wait "$probe_pid" || true
-    check "$name (d) wrong $kind: proxied request answered $(H json "$PW/probe-$kind.json" "str(d['status']) + ' after ' + str(d['elapsed_ms']) + ' ms: ' + d['body'][:40]")" \
-      test "$(H json "$PW/probe-$kind.json" "str(d['status']) + ':' + str('retry-after' in d['headers'])")" = "503:True"
-    check "$name (d) wrong $kind: still running after ~10s (no crash loop)" alive "$SIDE_PID"
-    after=$(rejected_of password)
-    check "$name (d) wrong $kind: no login storm ($((after - before)) refused password grants, <= 3)" \
-      test $((after - before)) -ge 1 -a $((after - before)) -le 3
-    stop_sidecar
+    refused_login "$name (d) wrong $kind" "bad-$kind" "$cfg" password "$want" /api/echo
   done
 
   # (e) a client secret with reserved characters
@@ -358,11 +410,49 @@ run_peer() {
     check "$name (e) client_auth=\"$odd_auth\" with secret '$ODD_SECRET': /readyz 200" false
   fi
   stop_sidecar
+
+  # (f) the client_credentials grant, behind a route with a prefix
+  write_cc_config "$PW/cc-good.toml" "$CLIENT_ID" "$PW/client_secret"
+  write_cc_config "$PW/cc-bad-secret.toml" "$CLIENT_ID" "$PW/client_secret.wrong"
+  echo "-- $name (f) client_credentials: ${STEADY_SECONDS}s of steady requests at ${RATE}/s on route /peer/"
+  local cc0 cc1 req_f non_f bad_f side_cc side_cc_rt req_fr non_fr bad_fr replays_f cc_proxied
+  cc0=$(stat_of "d['client_credentials']")
+  start_sidecar cc-good "$PW/cc-good.toml"
+  if H wait-status "$ADMIN/readyz" 200 20 "$SIDE_PID"; then
+    check "$name (f) client_credentials sidecar ready (/readyz 200)" true
+    H load "$SIDE/peer/api/echo" "$STEADY_SECONDS" "$RATE" "$PW/load-f.json" /api/echo
+    req_f=$(H json "$PW/load-f.json" "d['requests']")
+    non_f=$(H json "$PW/load-f.json" "d['non_200'] + d['transport_errors']")
+    bad_f=$(H json "$PW/load-f.json" "d['bad_bodies']")
+    echo "   $(H json "$PW/load-f.json" "{k: d[k] for k in ('requests', 'statuses', 'transport_errors', 'max_latency_ms', 'seconds')}")"
+    check "$name (f) $req_f requests on /peer/ (>= $min_req), every one 200 from the peer at /api/echo" \
+      test "$non_f" -eq 0 -a "$bad_f" -eq 0 -a "$req_f" -ge "$min_req"
+    [[ $non_f == 0 && $bad_f == 0 ]] || echo "   first failures: $(H json "$PW/load-f.json" "d['first_failures']")"
+    cc1=$(stat_of "d['client_credentials']")
+    side_cc=$(metric_of token_sidecar_token_requests_total credentials=peer grant=client_credentials outcome=success)
+    side_cc_rt=$(metric_of token_sidecar_token_requests_total credentials=peer grant=refresh_token)
+    check "$name (f) a new client_credentials grant per 3 s token (peer $((cc1 - cc0)) >= 3, sidecar $side_cc >= 3, refresh_token grants $side_cc_rt)" \
+      test $((cc1 - cc0)) -ge 3 -a "$side_cc" -ge 3 -a "$side_cc_rt" -eq 0
+
+    revocation_replay "$name (f)" "$SIDE/peer/api/echo" "$PW/load-fr.json" /api/echo
+    req_fr=$REQ non_fr=$NON bad_fr=$BAD replays_f=$REPLAYS
+    cc_proxied=$(metric_of token_sidecar_proxy_requests_total route=peer status_class=2xx)
+    check "$name (f) sidecar still running" alive "$SIDE_PID"
+  else
+    check "$name (f) client_credentials sidecar ready (/readyz 200)" false
+    req_f=0 non_f=0 bad_f=0 req_fr=0 non_fr=0 bad_fr=0 cc_proxied=0 cc1=$cc0 replays_f=0
+  fi
+  stop_sidecar
+
+  echo "-- $name (f) client_credentials with a wrong client secret (the peer answers $wrong_client_error)"
+  refused_login "$name (f) wrong client secret" cc-bad-secret "$PW/cc-bad-secret.toml" client_credentials \
+    "$wrong_client_error" /peer/api/echo
   stop_pid "$peer_pid"
 
   local grants
   grants=$(H json "$PW/stats-steady.json" "{'password': d['password'], 'refresh_token': d['refresh_token'], 'rejected': d['rejected']}")
   SUMMARY+=("$name ($version): requests $((req_a + req_r + req_c)), non-200 $((non_a + non_r + non_c + bad_a + bad_r + bad_c)), grants $grants, proxied 2xx $proxied, upstream 401 replays $retries")
+  SUMMARY+=("$name client_credentials: requests $((req_f + req_fr)), non-200 $((non_f + non_fr + bad_f + bad_fr)), client_credentials grants $((cc1 - cc0)), proxied 2xx $cc_proxied, upstream 401 replays $replays_f")
   if [[ $FAIL -gt $fails_before ]]; then
     show_logs "$PW/peer.log" "$PW"/sidecar-*.log
   fi

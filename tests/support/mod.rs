@@ -410,7 +410,11 @@ impl Harness {
 
     /// Waits until the sidecar holds a token.
     pub async fn ready(&self) {
-        let token = self.running().token.clone();
+        let token = self
+            .running()
+            .token("default")
+            .expect("profile default")
+            .clone();
         token
             .wait_usable(0, Duration::from_secs(10))
             .await
@@ -467,6 +471,52 @@ pub fn config_for(world: &World, token_url: &str, upstream: &str, overrides: &st
     }
 }
 
+/// A `[credentials.NAME]` table for the client (and, with `grant =
+/// "password"`, the user) of the fake world `world`, at `token_url`.
+pub fn profile_toml(name: &str, world: &World, token_url: &str, grant: &str) -> String {
+    let (id, secret, user, password) = world.with(|w| {
+        (
+            w.client_id.clone(),
+            w.client_secret.clone(),
+            w.username.clone(),
+            w.password.clone(),
+        )
+    });
+    let user = if grant == "password" {
+        format!("username = \"{user}\"\npassword = \"{password}\"\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "[credentials.{name}]\ngrant = \"{grant}\"\ntoken_url = \"{token_url}\"\nclient_id = \"{id}\"\nclient_secret = \"{secret}\"\n{user}"
+    )
+}
+
+/// A `[route.NAME]` table.
+pub fn route_toml(name: &str, prefix: &str, upstream: &str, credentials: &str) -> String {
+    format!(
+        "[route.{name}]\nprefix = \"{prefix}\"\nupstream = \"{upstream}\"\ncredentials = \"{credentials}\"\n"
+    )
+}
+
+/// A validated config of the routes form: proxy and admin on ephemeral
+/// loopback ports, the engine under test, `tables` (profiles and routes,
+/// see [`profile_toml`] and [`route_toml`]), then `overrides` merged key by
+/// key.
+pub fn routes_config(tables: &str, overrides: &str) -> Config {
+    let base = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"text\"\n{tables}"
+    );
+    let fig = Figment::new()
+        .merge(Toml::string(&base))
+        .merge(Serialized::default("proxy.fast_lane", fast_lane()))
+        .merge(Toml::string(overrides));
+    match config::load_figment(fig) {
+        Ok(l) => l.config,
+        Err(e) => panic!("test config invalid: {e}"),
+    }
+}
+
 /// A plain HTTP client: no redirects followed, no proxy from the environment.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -492,6 +542,18 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// The `/metrics` page of the admin listener at `admin`.
+pub async fn scrape(admin: SocketAddr) -> String {
+    client()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .expect("the admin listener answers")
+        .text()
+        .await
+        .expect("a text page")
 }
 
 /// The value of one sample line of a Prometheus text page, e.g.

@@ -432,7 +432,8 @@ impl Front {
             crate::support::config_for(&world, &auth.url("/oauth/token"), upstream, overrides);
         let sidecar = crate::support::start_sidecar(&config).await;
         sidecar
-            .token
+            .token("default")
+            .expect("profile default")
             .wait_usable(0, Duration::from_secs(10))
             .await
             .expect("a token within 10 s");
@@ -450,7 +451,12 @@ impl Front {
 
     /// The `Authorization` value the sidecar injects now.
     pub fn bearer(&self) -> String {
-        let (_, v) = self.sidecar.token.usable().expect("a usable token");
+        let (_, v) = self
+            .sidecar
+            .token("default")
+            .expect("profile default")
+            .usable()
+            .expect("a usable token");
         v.to_str().unwrap().to_owned()
     }
 

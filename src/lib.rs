@@ -23,7 +23,8 @@
 //!   shutdown; [`runtime`] the tokio scheduler; [`lifecycle`] the draining
 //!   state; [`metrics`] the Prometheus registry; [`secret`] the redacting
 //!   secret types; [`tls`] the one TLS policy of both clients; [`fake`] the
-//!   stand-in servers of the demo, soak and tests.
+//!   stand-in servers of the demo, soak and tests; [`differential`] a test
+//!   and fuzz harness that runs the same bytes through both proxy engines.
 //!
 //! # Token lifecycle
 //! Obtained with the password grant at start (requests wait up to
@@ -37,6 +38,7 @@ pub mod app;
 pub mod check;
 pub mod config;
 pub mod demo;
+pub mod differential;
 pub mod fake;
 pub mod lifecycle;
 pub mod logging;

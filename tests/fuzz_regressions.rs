@@ -4,6 +4,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use token_sidecar::differential::{Case, Rig};
 use token_sidecar::token::client::parse_token_response;
 
 const KNOWN: [&str; 2] = ["s3cr3t-pass", "client-s3cr3t"];
@@ -44,4 +45,72 @@ fn token_response_secret_split_by_control_characters_is_redacted() {
     let text = token_error_text(200, &body);
     assert!(!text.contains("s3cr3t-pass"), "{text}");
     assert!(!text.contains("client-s3cr3t"), "{text}");
+}
+
+/// differential: every committed seed of the target goes through both
+/// engines alike (the harness is the fuzz target's own, so this also keeps
+/// it working between fuzzing runs).
+#[tokio::test(start_paused = true)]
+async fn differential_seeds_agree_on_both_engines() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/differential");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .expect("the seed folder")
+        .map(|e| e.expect("a seed").path())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 10, "seeds in {dir:?}");
+    let rig = Rig::start().await;
+    let mut failed = Vec::new();
+    for path in names {
+        let case = Case::parse(&std::fs::read(&path).expect("a readable seed"));
+        match rig.check(&case).await {
+            Ok(v) => eprintln!("{}: {v:?}", path.display()),
+            Err(d) => failed.push(format!("{}: {d}", path.display())),
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// differential: the harness sees what crosses, and a difference in it is
+/// reported (so an agreement above is not for want of looking).
+#[tokio::test(start_paused = true)]
+async fn differential_harness_sees_and_reports_differences() {
+    use token_sidecar::differential::{compare, UpRequest, Variant};
+    let rig = Rig::start().await;
+    let case = Case::parse(
+        &Case::one(
+            Variant::Plain,
+            b"GET /a?b=1 HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-B: 2\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        .encode(),
+    );
+    let (lane, hyper) = rig.run(&case).await;
+    for t in [&lane, &hyper] {
+        assert_eq!(t.responses.len(), 1, "{t:?}");
+        assert_eq!(t.responses[0].status, 200);
+        assert_eq!(t.responses[0].body, b"hello");
+        let [UpRequest::Read { target, fields, .. }] = &t.upstream[..] else {
+            panic!("one request upstream: {t:?}");
+        };
+        assert_eq!(target, b"/base/a?b=1");
+        assert!(fields.iter().any(|(n, v)| n == b"X-A" && v == b"1"));
+    }
+    assert!(compare(&lane, &hyper).is_ok());
+    let mut other = hyper.clone();
+    other.responses[0].body = b"hellO".to_vec();
+    assert!(compare(&lane, &other).is_err());
+    let mut other = hyper.clone();
+    other.responses[0]
+        .fields
+        .push((b"x-b".to_vec(), b"2".to_vec()));
+    assert!(
+        compare(&lane, &other).is_err(),
+        "a field name's case counts"
+    );
+    let mut other = hyper.clone();
+    if let UpRequest::Read { fields, .. } = &mut other.upstream[0] {
+        fields.retain(|(n, _)| n != b"X-A");
+    }
+    assert!(compare(&lane, &other).is_err());
 }

@@ -2,7 +2,15 @@
 //! they showed stay fixed without a fuzzer. Each names its target and what
 //! was wrong.
 
+mod support;
+#[path = "support/upstream.rs"]
+mod upstream;
+
 use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use upstream::{Front, RawResponse};
 
 use token_sidecar::differential::{Case, Rig};
 use token_sidecar::token::client::parse_token_response;
@@ -113,4 +121,56 @@ async fn differential_harness_sees_and_reports_differences() {
         fields.retain(|(n, _)| n != b"X-A");
     }
     assert!(compare(&lane, &other).is_err());
+}
+
+// ---------------------------------------------------------------------------
+// differential: what the engines did differently, on the wire, on both
+
+/// A raw upstream on loopback: answers each request (a head; these tests
+/// send no bodies) with `answer` as it is, then closes. Its base URL.
+async fn raw_upstream(answer: &'static [u8]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/base/")
+}
+
+/// A sidecar in front of a raw upstream answering `answer`, and what a
+/// client gets for `GET /x` with `Connection: close`.
+async fn through(answer: &'static [u8]) -> RawResponse {
+    let front = Front::start(&raw_upstream(answer).await, "").await;
+    front.get_raw("/x", "").await
+}
+
+engines! {
+/// differential: an upstream head that cannot be parsed (a NUL in a field
+/// name) was answered `502` "the upstream could not be reached" by the
+/// hyper engine and "the upstream sent an invalid response" by the lane.
+/// The head arrived: it is an invalid response (the policy's
+/// `BadResponse`), on both.
+#[tokio::test]
+async fn an_unparseable_upstream_head_is_an_invalid_response() {
+    let r = through(b"HTTP/1.1 200 OK\r\nWW\0Auth: x\r\nContent-Length: 0\r\n\r\n").await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        r.body_text().contains("the upstream sent an invalid response"),
+        "{}",
+        r.body_text()
+    );
+}
 }

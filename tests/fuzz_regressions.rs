@@ -174,3 +174,20 @@ async fn an_unparseable_upstream_head_is_an_invalid_response() {
     );
 }
 }
+
+engines! {
+/// h1: a chunk size written with leading zeros (`0000000000000005`, 16
+/// digits) broke the body off on the lane, which allowed 15 digits; hyper
+/// read it. RFC 9112 7.1 bounds the size, not its digits (`1*HEXDIG`, with
+/// overflow guarded), and nginx and hyper agree: the value counts.
+#[tokio::test]
+async fn a_chunk_size_with_leading_zeros_is_read_by_its_value() {
+    let r = through(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0000000000000005\r\nhello\r\n00000000000000000\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.head.to_ascii_lowercase().contains("transfer-encoding: chunked"));
+    assert_eq!(r.body, b"5\r\nhello\r\n0\r\n\r\n", "{}", r.body_text());
+}
+}

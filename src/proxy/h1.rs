@@ -271,6 +271,10 @@ enum ChunkState {
 #[error("malformed chunked body from the upstream")]
 pub struct BadChunk;
 
+/// Largest chunk size accepted: 2^60 - 1, well within what a body length
+/// (at most 2^63 - 1, as for `Content-Length`) can count.
+const MAX_CHUNK_SIZE: u64 = (1 << 60) - 1;
+
 /// Longest trailer field line accepted.
 const MAX_TRAILER_LINE: usize = 16 * 1024;
 
@@ -303,8 +307,10 @@ impl Chunked {
             self.state = match (self.state, c) {
                 (Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
                     let d = (c as char).to_digit(16).unwrap_or(0) as u64;
-                    self.digits += 1;
-                    if self.digits > 15 {
+                    // The value is bounded, not its digits (RFC 9112 7.1:
+                    // leading zeros are fine, as in nginx and hyper).
+                    self.digits = self.digits.saturating_add(1);
+                    if self.size > MAX_CHUNK_SIZE >> 4 {
                         return Err(BadChunk);
                     }
                     self.size = self.size * 16 + d;
@@ -525,6 +531,7 @@ mod tests {
             b" 1\r\n",
             b"0\r\nno colon\r\n\r\n",
             b"1000000000000000\r\n",
+            b"0001000000000000000\r\n",
         ] {
             let mut c = Chunked::default();
             assert_eq!(
@@ -533,6 +540,20 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn chunk_sizes_are_bounded_by_value_not_digits() {
+        let body = b"0000000000000000005\r\nhello\r\n000000000000000000\r\n\r\n";
+        let (out, used, payload) = reframe(body, true).unwrap();
+        assert_eq!((used, payload), (body.len(), 5));
+        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
+        let mut c = Chunked::default();
+        let fits = b"fffffffffffffff\r\n";
+        assert_eq!(
+            c.feed(fits, &mut Vec::new(), &|_: &[u8]| true),
+            Ok((fits.len(), false))
+        );
     }
 
     proptest! {

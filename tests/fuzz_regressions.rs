@@ -191,3 +191,24 @@ async fn a_chunk_size_with_leading_zeros_is_read_by_its_value() {
     assert_eq!(r.body, b"5\r\nhello\r\n0\r\n\r\n", "{}", r.body_text());
 }
 }
+
+engines! {
+/// h1: an HTTP/1.0 upstream answer with `Transfer-Encoding: chunked` was
+/// de-chunked and passed on by the lane, refused (502) by hyper's client.
+/// RFC 9112 6.1: a recipient of an HTTP/1.0 message with Transfer-Encoding
+/// must treat its framing as faulty (it may have crossed an HTTP/1.0 hop
+/// that did not decode it); hyper refuses it, so does the policy now.
+#[tokio::test]
+async fn an_http_1_0_answer_with_a_transfer_coding_is_refused() {
+    let r = through(
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(
+        r.body_text().contains("the upstream sent an invalid response"),
+        "{}",
+        r.body_text()
+    );
+}
+}

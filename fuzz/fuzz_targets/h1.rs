@@ -184,7 +184,16 @@ fn lane(data: &[u8], seed: u32) -> Lane {
     };
     let facts = ResponseFacts::of(h1::slices(rest, &fields));
     if common::policy(false)
-        .check_response(head.status, &facts, Upgrade::None)
+        .check_response(
+            if head.minor == 0 {
+                http::Version::HTTP_10
+            } else {
+                http::Version::HTTP_11
+            },
+            head.status,
+            &facts,
+            Upgrade::None,
+        )
         .is_err()
     {
         return Lane::Refused;

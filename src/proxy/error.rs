@@ -62,7 +62,7 @@ pub enum BadResponse {
     Status(u16),
     #[error("invalid Content-Length")]
     ContentLength,
-    #[error("a transfer coding other than chunked")]
+    #[error("a transfer coding other than chunked, or one in an HTTP/1.0 response")]
     TransferCoding,
     #[error("101 Switching Protocols to a request that asked for no upgrade")]
     UnaskedSwitch,

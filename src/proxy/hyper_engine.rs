@@ -201,7 +201,12 @@ impl HyperEngine {
                     .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
             );
             policy
-                .check_response(sent.0.status().as_u16(), &facts, facts_upgrade(upgrade))
+                .check_response(
+                    sent.0.version(),
+                    sent.0.status().as_u16(),
+                    &facts,
+                    facts_upgrade(upgrade),
+                )
                 .map_err(ProxyError::BadUpstreamResponse)?;
             let invalid_token = facts.invalid_token;
             drop(facts);

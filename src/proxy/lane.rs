@@ -765,7 +765,7 @@ impl Conn<'_> {
             };
             let facts = ResponseFacts::of(h1::slices(&up.buf, &self.up_fields));
             self.policy
-                .check_response(head.status, &facts, Upgrade::None)
+                .check_response(version(head.minor), head.status, &facts, Upgrade::None)
                 .map_err(SendError::BadResponse)?;
             let length = match facts.content_length {
                 ContentLength::Valid(n) => Some(n),
@@ -1017,6 +1017,15 @@ impl Conn<'_> {
         };
         self.answer(e, &ex, true).await;
         let _ = self.io.shutdown().await;
+    }
+}
+
+/// The HTTP/1.x version of a minor version number.
+fn version(minor: u8) -> Version {
+    if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
     }
 }
 

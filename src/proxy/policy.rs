@@ -324,9 +324,11 @@ impl Policy {
 
     /// Whether an upstream response head can be passed on (else 502): a
     /// status code of three digits, from 100; one valid `Content-Length`;
-    /// no transfer coding but chunked; a 101 only to an upgrade.
+    /// no transfer coding but chunked, and none in an HTTP/1.0 answer; a
+    /// 101 only to an upgrade.
     pub fn check_response(
         &self,
+        version: Version,
         status: u16,
         facts: &ResponseFacts<'_>,
         upgrade: Upgrade,
@@ -338,6 +340,12 @@ impl Policy {
             return Err(BadResponse::UnaskedSwitch);
         }
         if matches!(facts.transfer_coding, TransferCoding::Other { .. }) {
+            return Err(BadResponse::TransferCoding);
+        }
+        // RFC 9112 6.1: an HTTP/1.0 message with a transfer coding may
+        // have crossed a hop that did not decode it: its framing is
+        // faulty (hyper's client refuses it too).
+        if version == Version::HTTP_10 && facts.transfer_coding != TransferCoding::Absent {
             return Err(BadResponse::TransferCoding);
         }
         if facts.content_length == ContentLength::Invalid

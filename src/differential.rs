@@ -165,8 +165,11 @@ pub enum UpRequest {
         /// Decoded: chunked framing removed.
         body: Vec<u8>,
         trailers: Vec<Field>,
+        /// The body ended as its framing said (else the upstream closed
+        /// the connection without answering).
+        complete: bool,
     },
-    /// Not a request the upstream could read (RFC 9112): the bytes.
+    /// Not a request head the upstream could read (RFC 9112): the bytes.
     Unreadable(Vec<u8>),
 }
 
@@ -300,7 +303,7 @@ async fn serve_upstream(mut s: TcpStream, state: &Mutex<UpState>, events: &Atomi
         return; // closed (an idle pooled connection) or hung
     };
     events.fetch_add(1, Ordering::SeqCst);
-    let readable = matches!(request, UpRequest::Read { .. });
+    let readable = matches!(request, UpRequest::Read { complete: true, .. });
     let answer = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
         st.seen.push(request);
@@ -741,16 +744,16 @@ async fn read_request(r: &mut Reader<'_>) -> Option<UpRequest> {
         req.path.unwrap_or_default().as_bytes().to_vec(),
         req.version.unwrap_or_default(),
     );
-    let (body, trailers) = match body_framing(&fields) {
-        Err(()) | Ok(Some(Framing::Close)) => return Some(UpRequest::Unreadable(head)),
-        Ok(None) | Ok(Some(Framing::None)) => (Vec::new(), Vec::new()),
+    let (body, trailers, complete) = match body_framing(&fields) {
+        Err(()) | Ok(Some(Framing::Close)) => (Vec::new(), Vec::new(), false),
+        Ok(None) | Ok(Some(Framing::None)) => (Vec::new(), Vec::new(), true),
         Ok(Some(Framing::Length)) => match r.exact(content_length(&fields)).await {
-            Ok((b, true)) => (b, Vec::new()),
-            _ => return Some(UpRequest::Unreadable(head)),
+            Ok((b, whole)) => (b, Vec::new(), whole),
+            Err(_) => (Vec::new(), Vec::new(), false),
         },
         Ok(Some(Framing::Chunked)) => match r.chunked().await {
-            Ok(Ok((b, t, true))) => (b, t),
-            _ => return Some(UpRequest::Unreadable(head)),
+            Ok(Ok((b, t, whole))) => (b, t, whole),
+            _ => (Vec::new(), Vec::new(), false),
         },
     };
     Some(UpRequest::Read {
@@ -760,6 +763,7 @@ async fn read_request(r: &mut Reader<'_>) -> Option<UpRequest> {
         fields,
         body,
         trailers,
+        complete,
     })
 }
 
@@ -898,6 +902,7 @@ fn show(f: &mut fmt::Formatter<'_>, t: &Transcript) -> fmt::Result {
                 fields,
                 body,
                 trailers,
+                complete,
             } => {
                 writeln!(
                     f,
@@ -908,7 +913,12 @@ fn show(f: &mut fmt::Formatter<'_>, t: &Transcript) -> fmt::Result {
                 for (n, v) in fields {
                     writeln!(f, "    {}: {}", lossy(n), lossy(v))?;
                 }
-                writeln!(f, "    body {:?} trailers {trailers:?}", lossy(body))?;
+                writeln!(
+                    f,
+                    "    body {:?} trailers {trailers:?}{}",
+                    lossy(body),
+                    if *complete { "" } else { ", cut short" }
+                )?;
             }
             UpRequest::Unreadable(b) => writeln!(f, "  upstream unreadable: {:?}", lossy(b))?,
         }
@@ -965,6 +975,21 @@ fn normal(fields: &[Field], t: &Transcript) -> Vec<Field> {
         .collect();
     out.sort_by_key(|(n, _)| n.to_ascii_lowercase());
     out
+}
+
+/// An unreadable head as compared: each sidecar's own values (token,
+/// upstream address) as placeholders, `X-Request-Id` lines left out.
+fn normal_raw(raw: &[u8], t: &Transcript) -> Vec<u8> {
+    let mut text = String::from_utf8_lossy(raw).into_owned();
+    for token in &t.tokens {
+        text = text.replace(token.as_str(), "<token>");
+    }
+    text = text.replace(&t.upstream_host, "<upstream>");
+    text.split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("x-request-id:"))
+        .collect::<Vec<_>>()
+        .join("\r\n")
+        .into_bytes()
 }
 
 /// Trailer fields: names in any case (the engines write them lower case).
@@ -1082,6 +1107,7 @@ pub fn compare(lane: &Transcript, hyper: &Transcript) -> Result<Verdict, Box<Dif
                     fields: f1,
                     body: b1,
                     trailers: r1,
+                    complete: c1,
                 },
                 UpRequest::Read {
                     method: m2,
@@ -1090,14 +1116,18 @@ pub fn compare(lane: &Transcript, hyper: &Transcript) -> Result<Verdict, Box<Dif
                     fields: f2,
                     body: b2,
                     trailers: r2,
+                    complete: c2,
                 },
             ) => {
                 (m1, t1, v1) == (m2, t2, v2)
                     && normal(f1, lane) == normal(f2, hyper)
-                    && b1 == b2
+                    && (b1, c1) == (b2, c2)
                     && normal_trailers(r1) == normal_trailers(r2)
             }
-            (a, b) => a == b,
+            (UpRequest::Unreadable(a), UpRequest::Unreadable(b)) => {
+                normal_raw(a, lane) == normal_raw(b, hyper)
+            }
+            _ => false,
         };
         if !same {
             return Err(differ(format!("upstream request {}", i + 1)));

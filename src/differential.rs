@@ -437,7 +437,7 @@ password = "{password}"
         let _ = s.set_nodelay(true);
         let mut r = Reader::new(&mut s);
         for step in &case.steps {
-            let method = method_of(step.request.first().map(Vec::as_slice));
+            let method = method_of(step);
             for p in &step.request {
                 idle().await;
                 // A write the sidecar refused (it closed): what it answered
@@ -510,11 +510,17 @@ password = "{password}"
     }
 }
 
-fn method_of(first: Option<&[u8]>) -> Vec<u8> {
-    first
-        .and_then(|p| p.split(|&b| b == b' ').next())
-        .unwrap_or_default()
-        .to_vec()
+/// The method of the request a step starts with, if its head is one
+/// (a head that cannot be read gets an answer with a body, whatever its
+/// first word).
+fn method_of(step: &Step) -> Vec<u8> {
+    let bytes = step.request.concat();
+    let mut storage = [httparse::EMPTY_HEADER; 256];
+    let mut req = httparse::Request::new(&mut storage);
+    match req.parse(&bytes) {
+        Ok(httparse::Status::Complete(_)) => req.method.unwrap_or_default().as_bytes().to_vec(),
+        _ => b"GET".to_vec(),
+    }
 }
 
 /// Both sidecars of each [`Variant`], started once and used for every case.

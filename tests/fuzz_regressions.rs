@@ -212,3 +212,23 @@ async fn an_http_1_0_answer_with_a_transfer_coding_is_refused() {
     );
 }
 }
+
+engines! {
+/// h1: a trailer section with a bare LF in it (`\n0` after the last chunk,
+/// then a field, then the empty line) broke the body off on the lane, which
+/// refused a bare LF there, while hyper read the section to its CRLF CRLF
+/// end and parsed it as header fields do (`httparse`: a leading LF is an
+/// empty line: no trailer fields). RFC 9112 2.2 lets a recipient take LF
+/// as a line end, 7.1.2 ends the section with an empty line: the body is
+/// complete, with no trailer. The lane now reads the trailer section as
+/// hyper does, with the same parser.
+#[tokio::test]
+async fn a_bare_lf_in_the_trailer_section_does_not_break_the_body() {
+    let r = through(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\n0\r\nX-T: 1\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, b"5\r\nhello\r\n0\r\n\r\n", "{}", r.body_text());
+}
+}

@@ -246,8 +246,12 @@ pub struct Chunked {
     digits: u8,
     /// Chunk data bytes so far (what hyper's data frames would carry).
     payload: u64,
-    /// The trailer line being read (trailers are rare and short).
+    /// The trailer section read so far, lines ending in CRLF (trailers
+    /// are rare and short), where its current line starts, and how many
+    /// lines it has.
     line: Vec<u8>,
+    line_start: usize,
+    lines: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -275,8 +279,8 @@ pub struct BadChunk;
 /// (at most 2^63 - 1, as for `Content-Length`) can count.
 const MAX_CHUNK_SIZE: u64 = (1 << 60) - 1;
 
-/// Longest trailer field line accepted.
-const MAX_TRAILER_LINE: usize = 16 * 1024;
+/// Largest trailer section accepted.
+const MAX_TRAILER_SECTION: usize = 16 * 1024;
 
 impl Chunked {
     /// Decodes the next bytes of the body, writing the re-framed bytes to
@@ -325,6 +329,7 @@ impl Chunked {
                 (SizeLf, b'\n') if self.size == 0 => {
                     out.extend_from_slice(b"0\r\n");
                     self.line.clear();
+                    (self.line_start, self.lines) = (0, 0);
                     Trailer
                 }
                 (SizeLf, b'\n') => Data,
@@ -333,23 +338,27 @@ impl Chunked {
                     self.digits = 0;
                     Size
                 }
+                // The section's lines end in CRLF, a bare LF is a byte of
+                // its line (as hyper reads it); the section is parsed as
+                // a whole once it has ended, as hyper parses it.
                 (Trailer, b'\r') => TrailerLf,
-                (Trailer, b'\n') => return Err(BadChunk),
                 (Trailer, _) => {
-                    if self.line.len() >= MAX_TRAILER_LINE {
+                    if self.line.len() >= MAX_TRAILER_SECTION {
                         return Err(BadChunk);
                     }
                     self.line.push(c);
                     Trailer
                 }
-                (TrailerLf, b'\n') if self.line.is_empty() => {
+                (TrailerLf, b'\n') if self.line.len() == self.line_start => {
+                    write_trailers(out, &mut self.line, self.lines, keep_trailer)?;
                     out.extend_from_slice(b"\r\n");
                     self.state = Done;
                     return Ok((i, true));
                 }
                 (TrailerLf, b'\n') => {
-                    write_trailer(out, &self.line, keep_trailer)?;
-                    self.line.clear();
+                    self.line.extend_from_slice(b"\r\n");
+                    self.line_start = self.line.len();
+                    self.lines += 1;
                     Trailer
                 }
                 _ => return Err(BadChunk),
@@ -375,24 +384,32 @@ fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A trailer field line (`name: value`), written with its name in lower
-/// case (as hyper writes trailers) if `keep` accepts the name.
-fn write_trailer(
+/// The fields of a whole trailer section (`lines` lines, each ending in
+/// CRLF), parsed as field lines are (`httparse`, as hyper parses trailers),
+/// each that `keep` accepts written with its name in lower case (as hyper
+/// writes trailers). A section that is no list of fields is refused.
+fn write_trailers(
     out: &mut Vec<u8>,
-    line: &[u8],
+    section: &mut Vec<u8>,
+    lines: usize,
     keep: &dyn Fn(&[u8]) -> bool,
 ) -> Result<(), BadChunk> {
-    let colon = line.iter().position(|&b| b == b':').ok_or(BadChunk)?;
-    let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-    if name.is_empty() || !name.iter().all(token) {
-        return Err(BadChunk);
+    if lines == 0 {
+        return Ok(());
     }
-    if keep(name) {
-        out.extend(name.iter().map(u8::to_ascii_lowercase));
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
+    section.extend_from_slice(b"\r\n");
+    let mut storage = vec![httparse::EMPTY_HEADER; lines];
+    let fields = match httparse::parse_headers(section, &mut storage) {
+        Ok(httparse::Status::Complete((_, fields))) => fields,
+        _ => return Err(BadChunk),
+    };
+    for f in fields.iter() {
+        if keep(f.name.as_bytes()) {
+            out.extend(f.name.bytes().map(|b| b.to_ascii_lowercase()));
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(f.value);
+            out.extend_from_slice(b"\r\n");
+        }
     }
     Ok(())
 }
@@ -526,7 +543,7 @@ mod tests {
             &b"x\r\n"[..],
             b"\r\n",
             b"5\r\nhelloXX",
-            b"0\r\nX\n",
+            b"0\r\nX\r\r",
             b"1\n",
             b" 1\r\n",
             b"0\r\nno colon\r\n\r\n",

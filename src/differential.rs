@@ -367,6 +367,10 @@ listen = "127.0.0.1:0"
 upstream = "http://{up}/base/"
 fast_lane = {fast_lane}
 access_log = false
+# Apart, so that a stalled upload is not a tie between two timers of the
+# same length (see fuzz/README.md).
+body_idle_timeout = "30s"
+request_timeout = "60s"
 {variant}
 [admin]
 listen = "127.0.0.1:0"

@@ -232,3 +232,20 @@ async fn a_bare_lf_in_the_trailer_section_does_not_break_the_body() {
     assert_eq!(r.body, b"5\r\nhello\r\n0\r\n\r\n", "{}", r.body_text());
 }
 }
+
+engines! {
+/// differential: an upstream reason phrase that is not UTF-8 (obs-text,
+/// which RFC 9112 4 allows) panicked the lane's connection task: httparse
+/// gives such a reason as a static empty string, not a slice of the
+/// buffer, and the lane took its offset. The client got no answer; hyper's
+/// engine passed the 201 on with the status's own reason, as it does for
+/// any reason it cannot keep. Both do that now (RFC 9112 4: a client
+/// ignores the reason phrase).
+#[tokio::test]
+async fn a_reason_phrase_that_is_not_utf8_gets_the_canonical_one() {
+    let r = through(b"HTTP/1.1 201 Create\x97\x8a\r\nContent-Length: 2\r\n\r\nok").await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert!(r.head.starts_with("HTTP/1.1 201 Created\r\n"), "{}", r.head);
+    assert_eq!(r.body, b"ok");
+}
+}

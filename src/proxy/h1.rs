@@ -188,7 +188,10 @@ pub struct ResponseHead {
     pub len: usize,
     /// As sent; the policy checks its range.
     pub status: u16,
-    pub reason: Span,
+    /// The reason phrase, if there is one that can be kept: httparse
+    /// gives a reason that is not UTF-8 (obs-text) as a static empty
+    /// string, not a slice of the buffer.
+    pub reason: Option<Span>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor: u8,
 }
@@ -228,8 +231,8 @@ pub fn parse_response(buf: &[u8], fields: &mut Fields) -> Result<Option<Response
         status: resp.code.unwrap_or(0),
         reason: resp
             .reason
-            .map(|r| Span::of(buf, r.as_bytes()))
-            .unwrap_or_default(),
+            .filter(|r| buf.as_ptr_range().contains(&r.as_ptr()))
+            .map(|r| Span::of(buf, r.as_bytes())),
         minor: resp.version.unwrap_or(1),
     }))
 }
@@ -477,7 +480,10 @@ mod tests {
         let raw = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\n\r\nrest";
         let head = parse_response(raw, &mut fields).unwrap().unwrap();
         assert_eq!((head.status, head.minor, head.len), (401, 1, raw.len() - 4));
-        assert_eq!(head.reason.get(raw), b"Unauthorized");
+        assert_eq!(head.reason.unwrap().get(raw), b"Unauthorized");
+        let obs_text = b"HTTP/1.1 201 Create\x97\r\n\r\n";
+        let other = parse_response(obs_text, &mut Vec::new()).unwrap().unwrap();
+        assert_eq!((other.status, other.reason), (201, None));
         assert_eq!(fields.len(), 1);
         assert_eq!(
             parse_response(b"HTTP/1.1 200 OK\r\n", &mut fields),

@@ -322,6 +322,13 @@ impl HyperEngine {
         parts.headers = headers;
         // An intermediary sends its own HTTP version (RFC 9110 2.5).
         parts.version = Version::HTTP_11;
+        // hyper writes the reason it read (when not the canonical one) or
+        // else the canonical one: it gets the policy's choice.
+        if let Some(read) = parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+            if Policy::reason_phrase(status, Some(read.as_bytes())) != read.as_bytes() {
+                parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+            }
+        }
         let body = ProxyBody::stream(body, policy.cfg.body_idle_timeout).with_checkin(checkin);
         Response::from_parts(parts, body)
     }

@@ -818,7 +818,8 @@ impl Conn<'_> {
             out.extend_from_slice(b"HTTP/1.1 ");
             out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
             out.push(b' ');
-            out.extend_from_slice(answer.head.reason.get(&up.buf));
+            let reason = answer.head.reason.map(|r| r.get(&up.buf));
+            out.extend_from_slice(Policy::reason_phrase(status, reason));
             let public = facts
                 .has_location
                 .then(|| policy.public_base(self.req.host.map(|h| h.get(&self.buf))));

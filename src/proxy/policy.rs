@@ -467,6 +467,21 @@ impl Policy {
         TrailerRule { declared }
     }
 
+    /// The reason phrase of a response passed on: the upstream's when it
+    /// has one (`None`: empty, or not UTF-8 and so not kept by the
+    /// parser), else the status code's own (RFC 9112 4: clients ignore
+    /// it; an empty one is what a status code without a known reason gets).
+    pub fn reason_phrase<'a>(status: u16, upstream: Option<&'a [u8]>) -> &'a [u8] {
+        match upstream {
+            Some(r) if !r.is_empty() => r,
+            _ => http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+                .as_bytes(),
+        }
+    }
+
     /// Whether `name` is one whose value [`Policy::rewrite_location`] may rewrite.
     pub fn is_location(name: &[u8]) -> bool {
         name.eq_ignore_ascii_case(b"location") || name.eq_ignore_ascii_case(b"content-location")

@@ -1045,7 +1045,12 @@ fn normal_trailers(fields: &[Field]) -> Vec<Field> {
 ///   upstream closes first) is an invalid response to the lane at once,
 ///   and to hyper, when the head came in more than one read, a connection
 ///   closed before the answer: 502 `upstream_unavailable` on both, with
-///   another message.
+///   another message;
+/// - an upstream body that breaks off before its first byte: the lane has
+///   passed the head on (it writes a head as soon as it has it), hyper
+///   writes a head together with the first body bytes and so closes the
+///   connection without an answer. Either way the exchange fails for the
+///   client and the connection closes.
 pub fn compare(lane: &Transcript, hyper: &Transcript) -> Result<Verdict, Box<Difference>> {
     let differ = |what: String| {
         Box::new(Difference {
@@ -1065,6 +1070,17 @@ pub fn compare(lane: &Transcript, hyper: &Transcript) -> Result<Verdict, Box<Dif
                 upstream_upto = Some(hyper.upstream.len());
                 break;
             }
+        }
+        // An upstream body that breaks off before its first byte: the
+        // lane wrote the head as soon as it had it, hyper writes a head
+        // with the first body bytes, and so closes without one.
+        if b.is_none()
+            && hyper.end == End::Closed
+            && a.is_some_and(|a| !a.complete && a.body.is_empty())
+        {
+            verdict = Verdict::Accepted("an upstream body broken off before its first byte");
+            upstream_upto = Some(lane.upstream.len().min(hyper.upstream.len()));
+            break;
         }
         // hyper finds a bad line only once the head has ended: till then
         // it waits (and closes at its header timeout, answering nothing).

@@ -249,3 +249,36 @@ async fn a_reason_phrase_that_is_not_utf8_gets_the_canonical_one() {
     assert_eq!(r.body, b"ok");
 }
 }
+
+engines! {
+/// differential: the HTTP/2 preface after an HTTP/1.1 exchange on the same
+/// connection made the lane hand the connection to hyper as h2c, which
+/// answered with HTTP/2 frames; hyper's own HTTP/1.1 connection refuses it
+/// (a preface is HTTP/2 only as a connection's first bytes, RFC 9113 3.4).
+/// Now the lane refuses it as a malformed HTTP/1.1 head (400, then the
+/// connection closes); hyper closes without an answer, its own refusal
+/// before any service runs (the documented difference).
+#[tokio::test]
+async fn an_http2_preface_after_a_request_is_no_switch_to_http2() {
+    let front = Front::start(&raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await, "").await;
+    let mut s = tokio::net::TcpStream::connect(front.proxy).await.expect("connect");
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\n").await.expect("write");
+    let first = upstream::read_head(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert_eq!(upstream::read_exact(&mut s, 2).await, b"ok");
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("write");
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the sidecar closes the connection")
+        .expect("read");
+    let text = String::from_utf8_lossy(&rest);
+    match support::engine() {
+        support::Engine::FastLane => {
+            assert!(text.starts_with("HTTP/1.1 400 "), "{text:?}");
+            assert!(text.contains("malformed request head"), "{text:?}");
+        }
+        support::Engine::Hyper => assert!(rest.is_empty(), "{text:?}"),
+    }
+}
+}

@@ -404,6 +404,9 @@ pub async fn serve(
         request_deadline: Some(Deadline::new(now + policy.cfg.request_timeout)),
     };
     let mut idle = Deadline::new(now + policy.cfg.client_idle_timeout);
+    // HTTP/2 with prior knowledge starts with the connection (RFC 9113
+    // 3.4): after a request, the preface is a malformed HTTP/1.1 head.
+    let mut first = true;
     loop {
         // The whole head must come within the idle timeout of the last
         // response (hyper's `header_read_timeout`): a byte now and then
@@ -413,7 +416,8 @@ pub async fn serve(
         loop {
             let refused = match h1::parse_request(&c.buf, &mut c.head) {
                 Parse::Ready => break,
-                Parse::Http2 => return Some(c.hand_over()),
+                Parse::Http2 if first => return Some(c.hand_over()),
+                Parse::Http2 => Some(ProxyError::BadRequest("malformed request head")),
                 Parse::Partial if c.buf.len() < super::MAX_HEADER_BYTES => None,
                 Parse::Partial | Parse::TooManyFields => Some(ProxyError::HeaderTooLarge),
                 Parse::Malformed => Some(ProxyError::BadRequest("malformed request head")),
@@ -437,6 +441,7 @@ pub async fn serve(
                 _ => return None, // closed or failed
             }
         }
+        first = false;
         match c.exchange().await {
             Next::KeepAlive if !c.stop.fired() => {}
             Next::ToHyper => return Some(c.hand_over()),

@@ -282,3 +282,18 @@ async fn an_http2_preface_after_a_request_is_no_switch_to_http2() {
     }
 }
 }
+
+engines! {
+/// differential: a chunked upstream body that turns malformed within the
+/// first read (`3\r\nabc` then no CRLF) got nothing at all from the lane,
+/// which dropped what it had decoded with the fault, while hyper passed on
+/// the head and the good chunk before closing; had the fault come in a
+/// later read, the lane would have passed them on too. What decoded well
+/// goes out, however the bytes arrive; then the connection closes.
+#[tokio::test]
+async fn a_chunked_body_that_breaks_passes_on_what_came_before() {
+    let r = through(b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX").await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body, b"3\r\nabc\r\n", "{}", r.body_text());
+}
+}

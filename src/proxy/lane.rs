@@ -902,7 +902,18 @@ impl Conn<'_> {
             let (take, done, counted) = match chunked.as_mut() {
                 Some(dec) => {
                     let before = dec.payload();
-                    let (used, ended) = dec.feed(avail, &mut self.out, &keep)?;
+                    let (used, ended) = match dec.feed(avail, &mut self.out, &keep) {
+                        Ok(fed) => fed,
+                        Err(e) => {
+                            // What decoded well still goes out, as it would
+                            // have had the fault come in a later read; then
+                            // the connection closes.
+                            if !self.out.is_empty() {
+                                let _ = self.io.write_all(&self.out).await;
+                            }
+                            return Err(e.into());
+                        }
+                    };
                     // Body bytes, as the hyper engine counts them: not the framing.
                     (used, ended, dec.payload() - before)
                 }

@@ -15,7 +15,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::RouteSpec;
 use crate::serve::Server;
 use crate::token::client::{HttpTokenClient, TokenEndpoint};
 use crate::token::{refresher, TokenHandle};
@@ -59,7 +59,10 @@ pub enum StartError {
 
 /// A running sidecar.
 pub struct Running {
+    /// The addresses of `proxy.listen`.
     pub proxy_addrs: Vec<SocketAddr>,
+    /// The addresses of the routes that have one of their own.
+    pub route_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub token: Arc<TokenHandle>,
     pub metrics: Arc<Metrics>,
@@ -115,6 +118,16 @@ async fn start_inner<E: TokenEndpoint>(
             }
         }
     }
+    // Routes served on an address of their own.
+    let mut route_listeners = Vec::new();
+    for route in &config.routes {
+        if let Some(addr) = route.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            route_listeners.push((addr, listener));
+        }
+    }
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -143,20 +156,36 @@ async fn start_inner<E: TokenEndpoint>(
     };
     let (token, refresher) = refresher::spawn(endpoint, settings, metrics.clone(), fastrand::f64);
 
-    let upstream_tls = crate::tls::client_config(config.proxy.ca_file.as_deref())?;
-    let proxy = Arc::new(
-        Proxy::new(
-            config.proxy.clone(),
-            token.clone(),
-            metrics.clone(),
-            upstream_tls,
-        )
-        .map_err(StartError::Upstream)?,
-    );
+    let specs = config
+        .routes
+        .iter()
+        .map(|route| RouteSpec {
+            config: route.clone(),
+            token: token.clone(),
+        })
+        .collect();
+    let listeners =
+        crate::proxy::build(&config.proxy, specs, &metrics).map_err(StartError::Upstream)?;
     let mut proxy_server = Server::new();
     let opts = crate::proxy::serve_options(&config.proxy);
-    for listener in proxy_listeners {
-        proxy_server.spawn_handler(listener, opts.clone(), proxy.clone());
+    let mut route_addrs = Vec::new();
+    for group in listeners {
+        match group.listen {
+            None => {
+                for listener in std::mem::take(&mut proxy_listeners) {
+                    proxy_server.spawn_handler(listener, opts.clone(), group.proxy.clone());
+                }
+            }
+            Some(addr) => {
+                if let Some(i) = route_listeners.iter().position(|(a, _)| *a == addr) {
+                    let (_, listener) = route_listeners.swap_remove(i);
+                    if let Ok(local) = listener.local_addr() {
+                        route_addrs.push(local);
+                    }
+                    proxy_server.spawn_handler(listener, opts.clone(), group.proxy.clone());
+                }
+            }
+        }
     }
 
     let mut admin_server = Server::new();
@@ -167,9 +196,10 @@ async fn start_inner<E: TokenEndpoint>(
         allow_remote_control: config.admin.allow_remote_control,
     }
     .spawn(&mut admin_server, admin_listener);
-    info!(proxy = ?proxy_addrs, admin = %admin_addr, upstream = %config.proxy.upstream, "listening");
+    info!(proxy = ?proxy_addrs, routes = ?route_addrs, admin = %admin_addr, upstream = %config.proxy.upstream, "listening");
     Ok(Running {
         proxy_addrs,
+        route_addrs,
         admin_addr,
         token,
         metrics,

@@ -33,6 +33,9 @@ pub const ENV_CONFIG_PATH: &str = "TOKEN_SIDECAR_CONFIG";
 #[derive(Debug, Clone)]
 pub struct Config {
     pub proxy: ProxyConfig,
+    /// Where requests go: at least one route. The single-upstream form
+    /// (`proxy.upstream` with `[oauth]`) is one route, `default`, for `/`.
+    pub routes: Vec<RouteConfig>,
     pub admin: AdminConfig,
     pub oauth: OAuthConfig,
     pub refresh: RefreshConfig,
@@ -68,6 +71,51 @@ pub struct ProxyConfig {
     /// Serve plain HTTP/1.1 exchanges with the fast lane; `false`: hyper
     /// serves everything.
     pub fast_lane: bool,
+}
+
+/// One route: requests whose raw path starts with `prefix` go to
+/// `upstream`, with the token of the `credentials` profile.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The route's name, in metrics and logs.
+    pub name: String,
+    /// Starts and ends with `/`; the longest matching prefix wins.
+    pub prefix: String,
+    /// Base URL; its path always ends in `/`.
+    pub upstream: Url,
+    /// The credentials profile whose token the route injects.
+    pub credentials: String,
+    /// This route alone, on an address of its own (else `proxy.listen`).
+    pub listen: Option<SocketAddr>,
+    /// Percent-decoded path prefixes, matched against `/` plus the path
+    /// after the route's prefix; empty means every path.
+    pub allow_paths: Vec<String>,
+    pub retry_on_401: RetryOn401,
+    pub retry_body_limit: usize,
+    /// Until the upstream's response headers arrive.
+    pub request_timeout: Duration,
+    pub forwarded_headers: bool,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl RouteConfig {
+    /// The route the single-upstream form means: `default`, for `/`, with
+    /// the `[proxy]` settings.
+    pub fn single(proxy: &ProxyConfig) -> RouteConfig {
+        RouteConfig {
+            name: "default".into(),
+            prefix: "/".into(),
+            upstream: proxy.upstream.clone(),
+            credentials: "default".into(),
+            listen: None,
+            allow_paths: proxy.allow_paths.clone(),
+            retry_on_401: proxy.retry_on_401,
+            retry_body_limit: proxy.retry_body_limit,
+            request_timeout: proxy.request_timeout,
+            forwarded_headers: proxy.forwarded_headers,
+            ca_file: proxy.ca_file.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -332,6 +380,7 @@ pub fn load_figment(fig: Figment) -> Result<Loaded, ConfigError> {
         worker_threads: r.value("runtime.worker_threads", 0),
     };
     let config = Config {
+        routes: vec![RouteConfig::single(&proxy)],
         proxy,
         admin,
         oauth,

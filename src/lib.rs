@@ -12,19 +12,26 @@
 //!   into an `ArcSwap` and refreshes it ahead of expiry on a pure schedule
 //!   ([`token::schedule`]), riding out auth-server faults with classified
 //!   errors ([`token::error`]).
-//! - [`proxy`]: a hyper reverse proxy on loopback. A request loads the token
-//!   once (lock-free), replaces the client's `Authorization`, strips hop-by-hop
+//! - [`proxy`]: the reverse proxy on loopback: one policy
+//!   ([`proxy::policy`]: admission, header edits, the 401 replay, local
+//!   answers, logging) applied by two HTTP engines, the fast lane
+//!   ([`proxy::lane`], plain HTTP/1.1 parsed in place) and hyper
+//!   ([`proxy::hyper_engine`], everything else, or everything with
+//!   `proxy.fast_lane = false`). A request loads the token once
+//!   (lock-free), replaces the client's `Authorization`, strips hop-by-hop
 //!   headers and streams both bodies. A 401 `invalid_token` from the upstream
 //!   invalidates that token generation and replays the request once (twice
 //!   if the replay's new token was itself revoked in flight).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/status`, and two control
 //!   endpoints, on their own listener.
-//! - [`app`] assembles these; [`serve`] holds the accept loops and graceful
-//!   shutdown; [`runtime`] the tokio scheduler; [`lifecycle`] the draining
-//!   state; [`metrics`] the Prometheus registry; [`secret`] the redacting
-//!   secret types; [`tls`] the one TLS policy of both clients; [`fake`] the
-//!   stand-in servers of the demo, soak and tests; [`differential`] a test
-//!   and fuzz harness that runs the same bytes through both proxy engines.
+//! - [`app`] assembles these; [`serve`] holds the accept loops, the hyper
+//!   connection serving both servers use, and graceful shutdown (it knows
+//!   no engine: each server hands it a [`serve::Handler`]); [`runtime`] the
+//!   tokio scheduler; [`lifecycle`] the draining state; [`metrics`] the
+//!   Prometheus registry; [`secret`] the redacting secret types; [`tls`] the
+//!   one TLS policy of both clients; [`fake`] the stand-in servers of the
+//!   demo, soak and tests; [`differential`] a test and fuzz harness that
+//!   runs the same bytes through both proxy engines.
 //!
 //! # Token lifecycle
 //! Obtained with the password grant at start (requests wait up to

@@ -9,8 +9,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::token::{GrantKind, Outcome};
@@ -30,11 +30,12 @@ pub enum LocalError {
     PathNotAllowed,
     RequestHeaderTooLarge,
     UnsupportedTransferCoding,
+    NoRoute,
 }
 
 impl LocalError {
     /// Every code, in the order of their series.
-    pub const ALL: [LocalError; 9] = [
+    pub const ALL: [LocalError; 10] = [
         LocalError::TokenUnavailable,
         LocalError::UpstreamUnavailable,
         LocalError::UpstreamTimeout,
@@ -44,6 +45,7 @@ impl LocalError {
         LocalError::PathNotAllowed,
         LocalError::RequestHeaderTooLarge,
         LocalError::UnsupportedTransferCoding,
+        LocalError::NoRoute,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +59,7 @@ impl LocalError {
             LocalError::PathNotAllowed => "path_not_allowed",
             LocalError::RequestHeaderTooLarge => "request_header_too_large",
             LocalError::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            LocalError::NoRoute => "no_route",
         }
     }
 }
@@ -87,13 +90,13 @@ pub struct Metrics {
     token_expiry: Gauge,
     token_generation: IntGauge,
     token_valid: IntGauge,
-    proxy_requests: [IntCounter; 5],
-    local_responses: [IntCounter; LocalError::ALL.len()],
+    proxy_requests: IntCounterVec,
+    local_responses: IntCounterVec,
     engine_requests: [IntCounter; Engine::ALL.len()],
     /// 401 replays by engine; not exported (the series counts them all),
     /// read by the tests that assert which engine replayed.
     engine_replays: [std::sync::atomic::AtomicU64; Engine::ALL.len()],
-    proxy_duration: Histogram,
+    proxy_duration: HistogramVec,
     upstream_retries_401: IntCounter,
     inflight: IntGauge,
 }
@@ -139,20 +142,17 @@ impl Metrics {
                 "token_sidecar_proxy_requests_total",
                 "Answers from the upstream, by status class.",
             ),
-            &["status_class"],
+            &["route", "status_class"],
         )
         .expect("static metric definition is valid");
-        let proxy_requests =
-            ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| proxy_requests_vec.with_label_values(&[c]));
         let local_vec = IntCounterVec::new(
             Opts::new(
                 "token_sidecar_local_responses_total",
                 "Answers the sidecar made itself instead of the upstream, by error code.",
             ),
-            &["error"],
+            &["route", "error"],
         )
         .expect("static metric definition is valid");
-        let local_responses = LocalError::ALL.map(|e| local_vec.with_label_values(&[e.as_str()]));
         let engine_vec = IntCounterVec::new(
             Opts::new(
                 "token_sidecar_proxy_engine_requests_total",
@@ -162,7 +162,7 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
         let engine_requests = Engine::ALL.map(|e| engine_vec.with_label_values(&[e.as_str()]));
-        let proxy_duration = Histogram::with_opts(
+        let proxy_duration = HistogramVec::new(
             HistogramOpts::new(
                 "token_sidecar_proxy_request_duration_seconds",
                 "Time from request received to response headers sent.",
@@ -171,6 +171,7 @@ impl Metrics {
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 60.0,
             ]),
+            &["route"],
         )
         .expect("static metric definition is valid");
         let retries = IntCounterVec::new(
@@ -205,8 +206,8 @@ impl Metrics {
             Box::new(token_expiry.clone()),
             Box::new(token_generation.clone()),
             Box::new(token_valid.clone()),
-            Box::new(proxy_requests_vec),
-            Box::new(local_vec),
+            Box::new(proxy_requests_vec.clone()),
+            Box::new(local_vec.clone()),
             Box::new(engine_vec),
             Box::new(proxy_duration.clone()),
             Box::new(retries),
@@ -229,8 +230,8 @@ impl Metrics {
             token_expiry,
             token_generation,
             token_valid,
-            proxy_requests,
-            local_responses,
+            proxy_requests: proxy_requests_vec,
+            local_responses: local_vec,
             engine_requests,
             engine_replays: Default::default(),
             proxy_duration,
@@ -255,16 +256,19 @@ impl Metrics {
         self.token_expiry.set(ts);
     }
 
-    /// Counts an upstream answer by class.
-    #[inline]
-    pub fn upstream_status(&self, status: u16) {
-        let i = (status / 100).clamp(1, 5) as usize - 1;
-        self.proxy_requests[i].inc();
-    }
-
-    /// Counts an answer the sidecar made itself.
-    pub fn local_response(&self, code: LocalError) {
-        self.local_responses[code as usize].inc();
+    /// The series of one route (`""`: requests that matched no route),
+    /// resolved once so that a request hashes no label; every series of
+    /// the route shows from the start, at zero.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            name: route.into(),
+            status: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|c| self.proxy_requests.with_label_values(&[route, c])),
+            local: LocalError::ALL
+                .map(|e| self.local_responses.with_label_values(&[route, e.as_str()])),
+            duration: self.proxy_duration.with_label_values(&[route]),
+            inflight: self.inflight.clone(),
+        }
     }
 
     /// Counts a request by the engine that serves it.
@@ -281,11 +285,6 @@ impl Metrics {
     /// 401 replays the engine has made so far.
     pub fn engine_replays(&self, engine: Engine) -> u64 {
         self.engine_replays[engine as usize].load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    #[inline]
-    pub fn request_done(&self, took: Duration) {
-        self.proxy_duration.observe(took.as_secs_f64());
     }
 
     pub fn replayed_after_401(&self, engine: Engine) {
@@ -314,6 +313,41 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The request series of one route ([`Metrics::route`]).
+pub struct RouteMetrics {
+    /// The `route` label: the route's name, or `""`.
+    pub name: Box<str>,
+    status: [IntCounter; 5],
+    local: [IntCounter; LocalError::ALL.len()],
+    duration: Histogram,
+    inflight: IntGauge,
+}
+
+impl RouteMetrics {
+    /// Counts an upstream answer by class.
+    #[inline]
+    pub fn upstream_status(&self, status: u16) {
+        let i = (status / 100).clamp(1, 5) as usize - 1;
+        self.status[i].inc();
+    }
+
+    /// Counts an answer the sidecar made itself.
+    pub fn local_response(&self, code: LocalError) {
+        self.local[code as usize].inc();
+    }
+
+    /// Time from request received to response head ready.
+    #[inline]
+    pub fn request_done(&self, took: Duration) {
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Proxied requests in progress (all routes).
+    pub fn inflight(&self) -> &IntGauge {
+        &self.inflight
     }
 }
 

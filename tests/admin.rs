@@ -109,9 +109,13 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         (
             "token_sidecar_proxy_requests_total",
             "counter",
-            &["status_class"],
+            &["route", "status_class"],
         ),
-        ("token_sidecar_local_responses_total", "counter", &["error"]),
+        (
+            "token_sidecar_local_responses_total",
+            "counter",
+            &["error", "route"],
+        ),
         (
             "token_sidecar_proxy_engine_requests_total",
             "counter",
@@ -120,7 +124,7 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         (
             "token_sidecar_proxy_request_duration_seconds",
             "histogram",
-            &[],
+            &["route"],
         ),
         (
             "token_sidecar_upstream_retries_total",
@@ -162,15 +166,21 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
             );
         }
     }
-    for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
-        assert!(families["token_sidecar_proxy_requests_total"]
-            .series
-            .contains(&series(&[&format!("status_class={class}")])));
-    }
-    for code in token_sidecar::metrics::LocalError::ALL.map(|c| c.as_str()) {
-        assert!(families["token_sidecar_local_responses_total"]
-            .series
-            .contains(&series(&[&format!("error={code}")])));
+    // The route's series, and those of requests that match no route.
+    for route in ["default", ""] {
+        for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            assert!(families["token_sidecar_proxy_requests_total"]
+                .series
+                .contains(&series(&[
+                    &format!("route={route}"),
+                    &format!("status_class={class}")
+                ])));
+        }
+        for code in token_sidecar::metrics::LocalError::ALL.map(|c| c.as_str()) {
+            assert!(families["token_sidecar_local_responses_total"]
+                .series
+                .contains(&series(&[&format!("error={code}"), &format!("route={route}")])));
+        }
     }
 
     // And the values follow what happened: a password grant, a 401 replay
@@ -194,18 +204,18 @@ async fn every_documented_metric_exists_with_its_type_and_labels() {
         "{expiry} vs {now}"
     );
     assert_eq!(
-        m(r#"token_sidecar_proxy_requests_total{status_class="2xx"}"#),
+        m(r#"token_sidecar_proxy_requests_total{route="default",status_class="2xx"}"#),
         2.0
     );
     assert_eq!(
-        m(r#"token_sidecar_local_responses_total{error="path_not_allowed"}"#),
+        m(r#"token_sidecar_local_responses_total{error="path_not_allowed",route="default"}"#),
         1.0
     );
     assert_eq!(
         m(r#"token_sidecar_upstream_retries_total{reason="401"}"#),
         1.0
     );
-    assert_eq!(m("token_sidecar_proxy_request_duration_seconds_count"), 3.0);
+    assert_eq!(m(r#"token_sidecar_proxy_request_duration_seconds_count{route="default"}"#), 3.0);
     assert_eq!(m("token_sidecar_proxy_inflight_requests"), 0.0);
     assert_eq!(
         m(&format!(
@@ -321,7 +331,7 @@ async fn a_lost_token_shows_in_readyz_status_and_metrics() {
         1.0
     );
     assert_eq!(
-        m(r#"token_sidecar_local_responses_total{error="token_unavailable"}"#),
+        m(r#"token_sidecar_local_responses_total{error="token_unavailable",route="default"}"#),
         1.0
     );
 }

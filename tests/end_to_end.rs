@@ -143,12 +143,12 @@ async fn metrics(h: &Harness) -> String {
     resp.text().await.unwrap()
 }
 
-/// `token_sidecar_local_responses_total{error="<code>"}`.
+/// `token_sidecar_local_responses_total{error="<code>",route="default"}`.
 async fn local_count(h: &Harness, code: &str) -> f64 {
     let text = metrics(h).await;
     support::metric(
         &text,
-        &format!("token_sidecar_local_responses_total{{error=\"{code}\"}}"),
+        &format!("token_sidecar_local_responses_total{{error=\"{code}\",route=\"default\"}}"),
     )
     .unwrap_or_else(|| panic!("no local_responses series for {code}:\n{text}"))
 }
@@ -368,7 +368,7 @@ async fn tokens_are_refreshed_ahead_of_expiry_while_requests_flow() {
         1.0
     );
     assert!(series("token_sidecar_token_generation") >= 3.0);
-    assert!(series("token_sidecar_proxy_requests_total{status_class=\"2xx\"}") >= requests as f64);
+    assert!(series("token_sidecar_proxy_requests_total{route=\"default\",status_class=\"2xx\"}") >= requests as f64);
 }
 
 // ---------------------------------------------------------------------------
@@ -495,7 +495,7 @@ async fn an_unreachable_upstream_gives_502_upstream_unavailable() {
     assert_eq!(
         support::metric(
             &text,
-            "token_sidecar_proxy_requests_total{status_class=\"5xx\"}"
+            "token_sidecar_proxy_requests_total{route=\"default\",status_class=\"5xx\"}"
         ),
         Some(0.0)
     );

@@ -552,7 +552,7 @@ async fn a_client_leaving_before_the_answer_is_not_a_bad_request() {
     assert_eq!(
         support::metric(
             &metrics,
-            "token_sidecar_local_responses_total{error=\"bad_request\"}"
+            "token_sidecar_local_responses_total{error=\"bad_request\",route=\"default\"}"
         ),
         Some(0.0),
         "{metrics}"

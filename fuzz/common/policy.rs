@@ -62,7 +62,12 @@ password = "p"
         secrets: Vec::new(),
     };
     let (token, _task) = refresher::spawn(Silent, settings, metrics.clone(), || 0.5);
-    Policy::new(config.proxy, token, metrics, None)
+    let route = config
+        .routes
+        .first()
+        .cloned()
+        .expect("the upstream makes a route");
+    Policy::new(Arc::new(config.proxy), route, token, metrics, None)
 }
 
 /// The policy with `proxy.forwarded_headers` as given.

@@ -139,7 +139,7 @@ fn request_side(policy: &Policy, all: &[(Vec<u8>, Vec<u8>)]) {
             "te" => assert_eq!(v, b"trailers"),
             "connection" => assert!(upgrade && v == b"upgrade"),
             "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" => {
-                assert!(policy.cfg.forwarded_headers)
+                assert!(policy.route.forwarded_headers)
             }
             "authorization" | "x-request-id" => {}
             other => panic!("the sidecar wrote {other}"),

@@ -63,6 +63,9 @@ fn format_line(line: &mut String, event: &Event<'_>) -> fmt::Result {
     let mut fields = Fields {
         out: line,
         result: Ok(()),
+        // Our own events name their fields with Rust identifiers; another
+        // crate's could use any string literal.
+        plain_names: meta.target().starts_with("token_sidecar"),
     };
     event.record(&mut fields);
     fields.result?;
@@ -76,17 +79,27 @@ fn format_line(line: &mut String, event: &Event<'_>) -> fmt::Result {
 struct Fields<'a> {
     out: &'a mut String,
     result: fmt::Result,
+    /// The field names need no escaping (checking costs a scan of each
+    /// name, on every line: a tenth of the CPU of a proxied request).
+    plain_names: bool,
 }
 
 impl Fields<'_> {
     fn put(&mut self, field: &Field, value: impl FnOnce(&mut String) -> fmt::Result) {
-        if self.result.is_ok() {
-            self.out.push(',');
-            self.result = write_escaped(self.out, field.name()).and_then(|()| {
-                self.out.push(':');
-                value(self.out)
-            });
+        if self.result.is_err() {
+            return;
         }
+        self.out.push(',');
+        if self.plain_names {
+            self.out.push('"');
+            self.out.push_str(field.name());
+            self.out.push('"');
+        } else if let Err(e) = write_escaped(self.out, field.name()) {
+            self.result = Err(e);
+            return;
+        }
+        self.out.push(':');
+        self.result = value(self.out);
     }
 }
 

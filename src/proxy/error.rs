@@ -48,6 +48,8 @@ pub enum ProxyError {
     MethodNotAllowed,
     #[error("path not allowed by proxy.allow_paths")]
     PathNotAllowed,
+    #[error("no route matches the request path")]
+    NoRoute,
 }
 
 /// Why an upstream response head is unusable (502): the same rules on both
@@ -112,6 +114,7 @@ impl ProxyError {
             ProxyError::UnsupportedTransferCoding => LocalError::UnsupportedTransferCoding,
             ProxyError::MethodNotAllowed => LocalError::MethodNotAllowed,
             ProxyError::PathNotAllowed => LocalError::PathNotAllowed,
+            ProxyError::NoRoute => LocalError::NoRoute,
         }
     }
 
@@ -130,6 +133,7 @@ impl ProxyError {
             ProxyError::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::PathNotAllowed => StatusCode::FORBIDDEN,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
-use crate::metrics::Metrics;
+use crate::metrics::RouteMetrics;
 
 /// One request/response exchange, shared by its two bodies; when the last
 /// of them is dropped the exchange is over: the in-flight gauge goes down and
@@ -26,7 +26,8 @@ pub struct Exchange {
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
     pub replayed: AtomicBool,
-    pub metrics: Arc<Metrics>,
+    /// The series of the route the request took (`""`: none).
+    pub stats: Arc<RouteMetrics>,
     pub access_log: bool,
 }
 
@@ -35,10 +36,10 @@ impl Exchange {
         method: Method,
         path: &[u8],
         request_id: HeaderValue,
-        metrics: Arc<Metrics>,
+        stats: Arc<RouteMetrics>,
         access_log: bool,
     ) -> Self {
-        metrics.inflight().inc();
+        stats.inflight().inc();
         Exchange {
             start: Instant::now(),
             method,
@@ -50,7 +51,7 @@ impl Exchange {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             replayed: AtomicBool::new(false),
-            metrics,
+            stats,
             access_log,
         }
     }
@@ -61,19 +62,20 @@ impl Exchange {
     /// or the sidecar's own): the request duration is recorded now, on
     /// both engines.
     pub fn response_started(&self) {
-        self.metrics.request_done(self.start.elapsed());
+        self.stats.request_done(self.start.elapsed());
     }
 }
 
 impl Drop for Exchange {
     fn drop(&mut self) {
-        self.metrics.inflight().dec();
+        self.stats.inflight().dec();
         if !self.access_log {
             return;
         }
         // Path only: a query string may carry personal data or secrets.
         tracing::info!(
             target: "token_sidecar::access",
+            route = &*self.stats.name,
             method = %self.method,
             path = &*self.path,
             status = self.status.load(Ordering::Relaxed),

@@ -45,6 +45,10 @@ pub struct ConnectionTokens<'a> {
     pub close: bool,
     pub keep_alive: bool,
     pub upgrade: bool,
+    /// A token other than `close`, `keep-alive` and `upgrade`: a field name
+    /// to drop. Almost no message has one, so [`ConnectionTokens::names`]
+    /// looks at the values only when it is set.
+    lists_names: bool,
     /// The first field values, for the names they list; the rest (more than
     /// four `Connection` fields is rare) in `more`.
     values: [&'a [u8]; 4],
@@ -54,10 +58,26 @@ pub struct ConnectionTokens<'a> {
 
 impl<'a> ConnectionTokens<'a> {
     fn add(&mut self, value: &'a [u8]) {
-        for token in tokens(value) {
-            self.close |= token.eq_ignore_ascii_case(b"close");
-            self.keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            self.upgrade |= token.eq_ignore_ascii_case(b"upgrade");
+        // The common values, whole: no tokenizing.
+        if value.eq_ignore_ascii_case(b"keep-alive") {
+            self.keep_alive = true;
+        } else if value.eq_ignore_ascii_case(b"close") {
+            self.close = true;
+        } else {
+            for token in tokens(value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    self.upgrade = true;
+                } else {
+                    self.lists_names = true;
+                }
+            }
+        }
+        if !self.lists_names {
+            return;
         }
         if self.count < self.values.len() {
             self.values[self.count] = value;
@@ -67,15 +87,15 @@ impl<'a> ConnectionTokens<'a> {
         }
     }
 
-    /// Whether `Connection` lists `name`.
+    /// Whether `Connection` lists `name` (one of the names it lists besides
+    /// its own `close`, `keep-alive` and `upgrade`).
+    #[inline]
     pub fn names(&self, name: &[u8]) -> bool {
-        if self.count == 0 {
-            return false;
-        }
-        self.values[..self.count]
-            .iter()
-            .chain(&self.more)
-            .any(|v| has_token(v, name))
+        self.lists_names
+            && self.values[..self.count]
+                .iter()
+                .chain(&self.more)
+                .any(|v| has_token(v, name))
     }
 }
 

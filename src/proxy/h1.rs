@@ -40,11 +40,12 @@ impl Span {
 /// The fields of a head, as spans (name, value), in order.
 pub type Fields = Vec<(Span, Span)>;
 
-/// The fields of `fields` as byte slices of `buf`.
-pub fn slices<'a>(
-    buf: &'a [u8],
-    fields: &'a [(Span, Span)],
-) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+/// The fields of `fields` as byte slices of `buf` (which they borrow; the
+/// list itself only while iterating).
+pub fn slices<'b, 'f>(
+    buf: &'b [u8],
+    fields: &'f [(Span, Span)],
+) -> impl Iterator<Item = (&'b [u8], &'b [u8])> + use<'b, 'f> {
     fields.iter().map(move |(n, v)| (n.get(buf), v.get(buf)))
 }
 

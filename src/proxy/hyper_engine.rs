@@ -26,12 +26,79 @@ use super::body::{BodyEnd, Direction, ProxyBody};
 use super::error::{ProxyError, UpstreamError};
 use super::exchange::Exchange;
 use super::fields::{ContentLength, RequestFacts, ResponseFacts, Upgrade};
-use super::policy::{Policy, RequestLine};
+use super::policy::{self, Policy, RequestLine};
 use super::pool::{self, Pool};
+use super::route::Routes;
 use super::upstream::{Connector, Handoff, Upstream};
 use crate::metrics::Engine;
 
-pub struct HyperEngine {
+/// Serves one request; never fails: errors become local JSON answers.
+/// (`L`: the fast lane's part of a route, not this engine's business.)
+pub async fn handle<L>(
+    routes: &Routes<L, HyperUpstream>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    let client_headers = std::mem::take(&mut parts.headers);
+    let facts = RequestFacts::of(
+        client_headers
+            .iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
+    );
+    let path = parts.uri.path().as_bytes();
+    let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
+    let line = RequestLine {
+        version: parts.version,
+        method: parts.method.as_str().as_bytes(),
+        path,
+        authority,
+    };
+    // The request's own rules first, then its route.
+    let found = routes.find(path);
+    let stats = routes.stats(&found);
+    let route = policy::admit(&line, &facts).and(found.map(|(route, _)| route));
+    // Counted by whichever route's metrics serve it; the engine counter too.
+    routes.metrics.engine_request(Engine::Hyper);
+    let ex = Arc::new(Exchange::new(
+        parts.method.clone(),
+        path,
+        super::policy::request_id(&facts),
+        stats,
+        routes.access_log,
+    ));
+    let result = match route {
+        Ok(route) => {
+            route
+                .hyper
+                .forward(
+                    &route.policy,
+                    parts,
+                    body,
+                    &client_headers,
+                    &facts,
+                    peer,
+                    &ex,
+                )
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            let a = policy::local_answer(&e, &ex);
+            let mut resp = Response::new(ProxyBody::full(a.body));
+            *resp.status_mut() = a.status;
+            *resp.headers_mut() = a.fields;
+            resp
+        }
+    };
+    resp.map(|b| b.track(ex, Direction::Down))
+}
+
+/// How the hyper engine reaches one route's upstream.
+pub struct HyperUpstream {
     upstream: Arc<Upstream>,
     /// HTTP/1.1 requests: far cheaper per request than `client`.
     pool: Arc<Pool>,
@@ -47,9 +114,9 @@ struct Resend {
     body: Vec<Bytes>,
 }
 
-impl HyperEngine {
+impl HyperUpstream {
     pub fn new(policy: &Policy, upstream: Arc<Upstream>) -> Self {
-        let cfg = &policy.cfg;
+        let cfg = &policy.shared;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
@@ -62,7 +129,7 @@ impl HyperEngine {
             .http1_preserve_header_case(true)
             .build(upstream.h1_connector());
         let absolute_form = matches!(upstream.route, super::egress::Route::Forward { .. });
-        HyperEngine {
+        HyperUpstream {
             pool: Arc::new(Pool::new(
                 upstream.clone(),
                 absolute_form,
@@ -72,44 +139,6 @@ impl HyperEngine {
             client,
             upgrade_client,
         }
-    }
-
-    /// Serves one request; never fails: errors become local JSON answers.
-    pub async fn handle(
-        &self,
-        policy: &Policy,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> Response<ProxyBody> {
-        policy.metrics.engine_request(Engine::Hyper);
-        let (mut parts, body) = req.into_parts();
-        let client_headers = std::mem::take(&mut parts.headers);
-        let facts = RequestFacts::of(
-            client_headers
-                .iter()
-                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
-        );
-        let ex = Arc::new(Exchange::new(
-            parts.method.clone(),
-            parts.uri.path().as_bytes(),
-            policy.request_id(&facts),
-            policy.metrics.clone(),
-            policy.cfg.access_log,
-        ));
-        let resp = match self
-            .forward(policy, parts, body, &client_headers, &facts, peer, &ex)
-            .await
-        {
-            Ok(resp) => resp,
-            Err(e) => {
-                let a = policy.local_answer(&e, &ex);
-                let mut resp = Response::new(ProxyBody::full(a.body));
-                *resp.status_mut() = a.status;
-                *resp.headers_mut() = a.fields;
-                resp
-            }
-        };
-        resp.map(|b| b.track(ex, Direction::Down))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -127,13 +156,9 @@ impl HyperEngine {
             .uri
             .authority()
             .map(|a| a.as_str().as_bytes().to_vec());
-        let line = RequestLine {
-            version: parts.version,
-            method: parts.method.as_str().as_bytes(),
-            path: parts.uri.path().as_bytes(),
-            authority: authority.as_deref(),
-        };
-        policy.admit(&line, facts)?;
+        let path = parts.uri.path().as_bytes();
+        let rest = policy.rest_of(path).unwrap_or(b"/");
+        policy.admit_path(path, rest)?;
         let (generation, bearer) = policy.bearer().await?;
         ex.generation.store(generation, Ordering::Relaxed);
 
@@ -143,11 +168,7 @@ impl HyperEngine {
         // The upstream request head: the client's fields that cross, then
         // the sidecar's own.
         let mut target = Vec::with_capacity(64);
-        policy.write_target(
-            &mut target,
-            parts.uri.path().as_bytes(),
-            parts.uri.query().map(str::as_bytes),
-        );
+        policy.write_target(&mut target, rest, parts.uri.query().map(str::as_bytes));
         parts.uri = Uri::builder()
             .scheme(self.upstream.scheme.clone())
             .authority(self.upstream.authority.clone())
@@ -176,8 +197,8 @@ impl HyperEngine {
         // The name the client used, for redirects into the upstream.
         let client_host = facts.host.map(<[u8]>::to_vec).or(authority);
 
-        let mut body =
-            ProxyBody::stream(body, policy.cfg.body_idle_timeout).track(ex.clone(), Direction::Up);
+        let mut body = ProxyBody::stream(body, policy.shared.body_idle_timeout)
+            .track(ex.clone(), Direction::Up);
         let length = match facts.content_length {
             ContentLength::Valid(n) => Some(n),
             _ => None,
@@ -264,7 +285,7 @@ impl HyperEngine {
             };
             Ok::<_, UpstreamError>((resp, None))
         };
-        let result = tokio::time::timeout(policy.cfg.request_timeout, sending).await;
+        let result = tokio::time::timeout(policy.route.request_timeout, sending).await;
         ex.upstream_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match result {
@@ -317,7 +338,7 @@ impl HyperEngine {
             };
             headers.append(name.clone(), rewritten.unwrap_or_else(|| value.clone()));
         }
-        policy.write_response_fields(&mut headers, ex, facts.has_date, switching);
+        policy::write_response_fields(&mut headers, ex, facts.has_date, switching);
         drop(facts);
         parts.headers = headers;
         // An intermediary sends its own HTTP version (RFC 9110 2.5).
@@ -329,7 +350,7 @@ impl HyperEngine {
                 parts.extensions.remove::<hyper::ext::ReasonPhrase>();
             }
         }
-        let body = ProxyBody::stream(body, policy.cfg.body_idle_timeout).with_checkin(checkin);
+        let body = ProxyBody::stream(body, policy.shared.body_idle_timeout).with_checkin(checkin);
         Response::from_parts(parts, body)
     }
 }

@@ -42,8 +42,10 @@ use super::exchange::Exchange;
 use super::fields::{ContentLength, RequestFacts, ResponseFacts, Upgrade};
 use super::h1::{self, Fields, Framing, Parse, RequestHead, Span};
 use super::idle::{IdleConn, IdleStack};
-use super::policy::{FieldSink, Policy, RequestLine};
+use super::policy::{self as rules, FieldSink, Policy, RequestLine, TrailerRule};
+use super::route::Routes;
 use super::upstream::{self, Upstream};
+use crate::config::ProxyConfig;
 use crate::metrics::Engine;
 use crate::serve::{ClientIo, StopSignal};
 
@@ -325,8 +327,12 @@ struct Request {
     host: Option<Span>,
 }
 
-/// One client connection served by the lane.
-struct Conn<'p> {
+/// One client connection served by the lane (`H`: the hyper engine's part
+/// of a route, not the lane's business).
+struct Conn<'p, H> {
+    routes: &'p Routes<Lane, H>,
+    shared: &'p ProxyConfig,
+    /// The policy and upstream side of the route of the request under way.
     policy: &'p Policy,
     lane: &'p Lane,
     io: ClientIo,
@@ -365,31 +371,41 @@ enum Failed {
     ToHyper,
 }
 
-/// An upstream answer the lane has read the head of.
+/// An upstream answer the lane has read the head of; `Conn::up_fields`
+/// holds the fields that cross.
 struct Answer {
     head: h1::ResponseHead,
     invalid_token: bool,
     framing: Framing,
     /// The upstream keeps the connection open after this response.
     reusable: bool,
+    has_location: bool,
+    has_date: bool,
+    trailers: TrailerRule,
 }
 
 /// Serves `io` until the client leaves, goes idle for
 /// `proxy.client_idle_timeout`, or shutdown begins; returns the connection
 /// when a request turns out not to be for the lane, for hyper to serve.
-pub async fn serve(
-    proxy: &super::Proxy,
-    lane: &Lane,
+pub async fn serve<H>(
+    routes: &Routes<Lane, H>,
+    shared: &ProxyConfig,
     io: ClientIo,
     peer: SocketAddr,
     stop: StopSignal,
 ) -> Option<Prefixed<ClientIo>> {
-    let policy = &proxy.policy;
-    if !lane.takes_new() {
+    // Until the first request says which route it takes, the first route
+    // the lane serves stands in.
+    let Some((policy, lane)) = routes
+        .iter()
+        .find_map(|r| r.lane.as_ref().map(|l| (&r.policy, l)))
+    else {
         return Some(Prefixed::new(Bytes::new(), io));
-    }
+    };
     let now = Instant::now();
     let mut c = Conn {
+        routes,
+        shared,
         policy,
         lane,
         io,
@@ -401,9 +417,9 @@ pub async fn serve(
         template: 0,
         up_fields: Vec::new(),
         stop: Stop::new(stop),
-        request_deadline: Some(Deadline::new(now + policy.cfg.request_timeout)),
+        request_deadline: Some(Deadline::new(now + shared.request_timeout)),
     };
-    let mut idle = Deadline::new(now + policy.cfg.client_idle_timeout);
+    let mut idle = Deadline::new(now + shared.client_idle_timeout);
     // HTTP/2 with prior knowledge starts with the connection (RFC 9113
     // 3.4): after a request, the preface is a malformed HTTP/1.1 head.
     let mut first = true;
@@ -411,7 +427,7 @@ pub async fn serve(
         // The whole head must come within the idle timeout of the last
         // response (hyper's `header_read_timeout`): a byte now and then
         // does not keep a connection.
-        idle.set(Instant::now() + policy.cfg.client_idle_timeout);
+        idle.set(Instant::now() + shared.client_idle_timeout);
         // A complete head, or the reason there is none.
         loop {
             let refused = match h1::parse_request(&c.buf, &mut c.head) {
@@ -453,7 +469,7 @@ pub async fn serve(
     }
 }
 
-impl Conn<'_> {
+impl<H> Conn<'_, H> {
     /// The connection for hyper, with every byte read so far.
     fn hand_over(self) -> Prefixed<ClientIo> {
         Prefixed::new(self.buf.freeze(), self.io)
@@ -462,25 +478,35 @@ impl Conn<'_> {
     /// One request and its response. The request head and whatever body
     /// bytes came with it stay in `self.buf` until the end, for a replay.
     async fn exchange(&mut self) -> Next {
-        let policy = self.policy;
         let buf = &self.buf[..];
         let head = &self.head;
         let facts = RequestFacts::of(h1::slices(buf, &head.fields));
+        let path = head.path.get(buf);
+        let route = self.routes.find(path);
         // The one place that picks the engine for each request.
-        if super::engine_for(head.minor, head.form, &facts) == Engine::Hyper
-            || !self.lane.takes_new()
-        {
+        let lane = match &route {
+            Ok((route, _)) => route.lane.as_ref().filter(|l| l.takes_new()),
+            Err(_) => Some(self.lane),
+        };
+        let Some(lane) =
+            lane.filter(|_| super::engine_for(head.minor, head.form, &facts) == Engine::FastLane)
+        else {
             return Next::ToHyper;
-        }
+        };
+        self.lane = lane;
         let method_bytes = head.method.get(buf);
         let method = Method::from_bytes(method_bytes).unwrap_or(Method::GET);
-        let path = head.path.get(buf);
+        let stats = self.routes.stats(&route);
+        if let Ok((route, _)) = &route {
+            self.policy = &route.policy;
+        }
+        let policy = self.policy;
         let ex = Exchange::new(
             method,
             path,
-            policy.request_id(&facts),
-            policy.metrics.clone(),
-            policy.cfg.access_log,
+            rules::request_id(&facts),
+            stats,
+            self.shared.access_log,
         );
         let length = match facts.content_length {
             ContentLength::Valid(n) => n,
@@ -502,15 +528,17 @@ impl Conn<'_> {
             path,
             authority: None,
         };
-        let admitted = policy.admit(&line, &facts);
-        if admitted.is_ok() {
+        let admitted = rules::admit(&line, &facts)
+            .and(route)
+            .and_then(|(_, rest)| policy.admit_path(path, rest).map(|()| rest));
+        if let Ok(rest) = admitted {
             // The upstream head, but for the token: written once, sent with
             // each attempt.
             let out = &mut self.out;
             out.clear();
             out.extend_from_slice(method_bytes);
             out.push(b' ');
-            policy.write_target(out, path, head.query.map(|q| q.get(buf)));
+            policy.write_target(out, rest, head.query.map(|q| q.get(buf)));
             out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
             out.extend_from_slice(self.lane.upstream.host_header.as_bytes());
             for (name, value) in h1::slices(buf, &head.fields) {
@@ -524,12 +552,12 @@ impl Conn<'_> {
         drop(facts);
         let next = match admitted {
             Err(e) => Err((Failed::Answer(e), body_left)),
-            Ok(()) => self.forward(&ex, body_left).await,
+            Ok(_) => self.forward(&ex, body_left).await,
         };
         // Counted once it is clear the lane served it (not when the
         // upstream turned out to speak HTTP/2 and hyper took it over).
         if !matches!(next, Err((Failed::ToHyper, _))) {
-            policy.metrics.engine_request(Engine::FastLane);
+            self.routes.metrics.engine_request(Engine::FastLane);
         }
         let next = match next {
             Ok(next) => next,
@@ -617,7 +645,7 @@ impl Conn<'_> {
     ) -> Result<(UpConn, Answer, bool), Failed> {
         let policy = self.policy;
         let started = Instant::now();
-        let until = started + policy.cfg.request_timeout;
+        let until = started + policy.route.request_timeout;
         let mut deadline = self
             .request_deadline
             .take()
@@ -637,7 +665,7 @@ impl Conn<'_> {
             let sent_all = match &mut body {
                 Body::Copy(copy) => {
                     self.out.extend_from_slice(copy);
-                    write_up(&mut up.io, &self.out, policy.cfg.body_idle_timeout).await?;
+                    write_up(&mut up.io, &self.out, self.shared.body_idle_timeout).await?;
                     true
                 }
                 Body::Client(copy) => {
@@ -646,7 +674,7 @@ impl Conn<'_> {
                     if let Some(c) = copy.as_mut() {
                         c.extend_from_slice(first);
                     }
-                    write_up(&mut up.io, &self.out, policy.cfg.body_idle_timeout).await?;
+                    write_up(&mut up.io, &self.out, self.shared.body_idle_timeout).await?;
                     ex.bytes_up.fetch_add(in_buf as u64, Ordering::Relaxed);
                     let rest = (length - in_buf) as u64;
                     rest == 0 || self.stream_body(&mut up, rest, copy, ex).await?
@@ -686,7 +714,7 @@ impl Conn<'_> {
         copy: &mut Option<Vec<u8>>,
         ex: &Exchange,
     ) -> Result<bool, SendError> {
-        let idle = self.policy.cfg.body_idle_timeout;
+        let idle = self.shared.body_idle_timeout;
         let mut chunk = vec![0u8; TRANSFER_BUF.min(rest as usize)];
         while rest > 0 {
             let want = chunk.len().min(rest as usize);
@@ -792,9 +820,16 @@ impl Conn<'_> {
             // bodiless answer): the connection may be out of step.
             let doubtful = facts.transfer_coding != Default::default()
                 && (length.is_some() || framing == Framing::Empty);
+            let policy = self.policy;
+            let buf = &up.buf[..];
+            self.up_fields
+                .retain(|(name, _)| policy.forwards_response_field(name.get(buf), &facts, false));
             return Ok(Answer {
                 invalid_token: facts.invalid_token,
                 reusable: keeps_open && framing != Framing::UntilClose && !doubtful,
+                has_location: facts.has_location,
+                has_date: facts.has_date,
+                trailers: policy.trailer_rule(&facts, self.req.trailers),
                 framing,
                 head,
             });
@@ -816,8 +851,7 @@ impl Conn<'_> {
             || answer.framing == Framing::UntilClose
             || self.req.close
             || self.stop.fired();
-        let keep_trailer = {
-            let facts = ResponseFacts::of(h1::slices(&up.buf, &self.up_fields));
+        {
             let out = &mut self.out;
             out.clear();
             out.extend_from_slice(b"HTTP/1.1 ");
@@ -825,13 +859,10 @@ impl Conn<'_> {
             out.push(b' ');
             let reason = answer.head.reason.map(|r| r.get(&up.buf));
             out.extend_from_slice(Policy::reason_phrase(status, reason));
-            let public = facts
+            let public = answer
                 .has_location
                 .then(|| policy.public_base(self.req.host.map(|h| h.get(&self.buf))));
             for (name, value) in h1::slices(&up.buf, &self.up_fields) {
-                if !policy.forwards_response_field(name, &facts, false) {
-                    continue;
-                }
                 let rewritten = match &public {
                     Some(public) if Policy::is_location(name) => {
                         policy.rewrite_location(value, public)
@@ -843,17 +874,16 @@ impl Conn<'_> {
             if answer.framing == Framing::Chunked {
                 h1::field(out, b"transfer-encoding", b"chunked");
             }
-            policy.write_response_fields(&mut Lines(out), ex, facts.has_date, false);
+            rules::write_response_fields(&mut Lines(out), ex, answer.has_date, false);
             if close {
                 h1::field(out, b"connection", b"close");
             }
             out.extend_from_slice(b"\r\n\r\n");
-            policy.trailer_rule(&facts, self.req.trailers)
-        };
+        }
         up.buf.advance(answer.head.len);
 
         match self
-            .pass_body(&mut up, answer.framing, ex, &keep_trailer)
+            .pass_body(&mut up, answer.framing, ex, &answer.trailers)
             .await
         {
             // An upstream that answered before the whole request body
@@ -881,9 +911,9 @@ impl Conn<'_> {
         up: &mut UpConn,
         framing: Framing,
         ex: &Exchange,
-        keep_trailer: &super::policy::TrailerRule,
+        keep_trailer: &TrailerRule,
     ) -> Result<bool, BodyFault> {
-        let idle = self.policy.cfg.body_idle_timeout;
+        let idle = self.shared.body_idle_timeout;
         let mut left = match framing {
             Framing::Empty => 0,
             Framing::Length(n) => n,
@@ -985,7 +1015,7 @@ impl Conn<'_> {
     /// The sidecar's own answer to a request it parsed; `body_left`:
     /// request body bytes are still unread.
     async fn answer(&mut self, e: &ProxyError, ex: &Exchange, body_left: bool) -> Next {
-        let a = self.policy.local_answer(e, ex);
+        let a = rules::local_answer(e, ex);
         let close = a.close || body_left || self.req.close || self.stop.fired();
         self.out.clear();
         self.out.extend_from_slice(b"HTTP/1.1 ");
@@ -1020,13 +1050,14 @@ impl Conn<'_> {
     /// connection that then closes: the rest of it cannot be told apart
     /// from the next request.
     async fn refuse(&mut self, e: &ProxyError) {
-        self.policy.metrics.engine_request(Engine::FastLane);
+        self.routes.metrics.engine_request(Engine::FastLane);
         let ex = Exchange::new(
             Method::from_bytes(b"-").unwrap_or(Method::GET),
             b"-",
-            super::policy::new_request_id(),
-            self.policy.metrics.clone(),
-            self.policy.cfg.access_log,
+            rules::new_request_id(),
+            self.routes
+                .stats(&Err(ProxyError::BadRequest("no request target"))),
+            self.shared.access_log,
         );
         self.req = Request {
             close: true,

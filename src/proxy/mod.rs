@@ -37,6 +37,7 @@ pub mod lane;
 pub mod path;
 pub mod policy;
 pub mod pool;
+pub mod route;
 pub mod upstream;
 
 use std::future::Future;
@@ -49,15 +50,18 @@ use http::Uri;
 use hyper_util::client::proxy::matcher::Matcher;
 use tracing::info;
 
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, RouteConfig};
 use crate::metrics::{Engine, Metrics};
 use crate::serve::{ClientIo, Handler, ServeOptions, StopSignal};
 use crate::token::TokenHandle;
 pub use error::ProxyError;
 use fields::{RequestFacts, TransferCoding, Upgrade};
-use hyper_engine::HyperEngine;
+use hyper_engine::HyperUpstream;
 use lane::{Lane, Prefixed};
 use policy::Policy;
+/// A route as the proxy builds it, with both engines' parts.
+type Route = route::Route<Lane, HyperUpstream>;
+type Routes = route::Routes<Lane, HyperUpstream>;
 
 /// Largest request head the proxy accepts; beyond it, 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -65,82 +69,168 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Why the proxy cannot be built from its config and environment.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("invalid upstream URL")]
-    Upstream(#[source] http::Error),
-    #[error(transparent)]
-    Egress(#[from] egress::EgressError),
+    #[error("route {route}: invalid upstream URL")]
+    Upstream {
+        route: String,
+        #[source]
+        source: http::Error,
+    },
+    #[error("route {route}")]
+    Egress {
+        route: String,
+        #[source]
+        source: egress::EgressError,
+    },
+    #[error("route {route}")]
+    Tls {
+        route: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
 }
 
-/// Everything a request needs, built once at start.
+/// A route's settings and the token of its credentials.
+pub struct RouteSpec {
+    pub config: RouteConfig,
+    pub token: Arc<TokenHandle>,
+}
+
+/// What one listener serves: the routes without an address of their own
+/// on `proxy.listen` (`listen: None`), each route with one on it alone.
+pub struct Listener {
+    pub listen: Option<SocketAddr>,
+    pub proxy: Arc<Proxy>,
+}
+
+/// Builds every route, and groups them by the listener that serves them.
+pub fn build(
+    shared: &ProxyConfig,
+    specs: Vec<RouteSpec>,
+    metrics: &Arc<Metrics>,
+) -> Result<Vec<Listener>, BuildError> {
+    let shared = Arc::new(shared.clone());
+    let mut on_shared = Vec::new();
+    let mut own = Vec::new();
+    for spec in specs {
+        let listen = spec.config.listen;
+        let route = Arc::new(build_route(&shared, spec, metrics)?);
+        match listen {
+            Some(addr) => own.push((addr, route)),
+            None => on_shared.push(route),
+        }
+    }
+    let mut listeners = Vec::new();
+    if !on_shared.is_empty() {
+        listeners.push(Listener {
+            listen: None,
+            proxy: Arc::new(Proxy::new(&shared, on_shared, metrics)),
+        });
+    }
+    for (addr, route) in own {
+        listeners.push(Listener {
+            listen: Some(addr),
+            proxy: Arc::new(Proxy::new(&shared, vec![route], metrics)),
+        });
+    }
+    Ok(listeners)
+}
+
+/// One route: its policy, its upstream, and both engines' ways there.
+fn build_route(
+    shared: &Arc<ProxyConfig>,
+    spec: RouteSpec,
+    metrics: &Arc<Metrics>,
+) -> Result<Route, BuildError> {
+    let name = spec.config.name.clone();
+    let uri: Uri = spec
+        .config
+        .upstream
+        .as_str()
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| BuildError::Upstream {
+            route: name.clone(),
+            source: e.into(),
+        })?;
+    let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTPS);
+    let authority = uri
+        .authority()
+        .cloned()
+        .unwrap_or_else(|| Authority::from_static("invalid"));
+    // The same environment variables, read by the same parser, as reqwest.
+    let egress =
+        egress::route(&Matcher::from_env(), &uri).map_err(|source| BuildError::Egress {
+            route: name.clone(),
+            source,
+        })?;
+    if let Some(proxy) = egress.proxy() {
+        info!(route = %name, egress_proxy = %proxy, "upstream requests go through an egress proxy (from the environment)");
+    }
+    let egress_auth = match &egress {
+        egress::Route::Forward { auth, .. } => auth.clone(),
+        _ => None,
+    };
+    let direct = matches!(egress, egress::Route::Direct);
+    let tls = crate::tls::client_config(spec.config.ca_file.as_deref()).map_err(|source| {
+        BuildError::Tls {
+            route: name,
+            source,
+        }
+    })?;
+    let upstream = Arc::new(upstream::Upstream::new(
+        shared, scheme, authority, egress, tls,
+    ));
+    let lane =
+        (shared.fast_lane && direct).then(|| Lane::new(upstream.clone(), shared.pool_idle_timeout));
+    let policy = Policy::new(
+        shared.clone(),
+        spec.config,
+        spec.token,
+        metrics.clone(),
+        egress_auth,
+    );
+    Ok(Route {
+        hyper: HyperUpstream::new(&policy, upstream),
+        lane,
+        policy,
+    })
+}
+
+/// The proxy of one listener: its routes, served on the fast lane or hyper.
 pub struct Proxy {
-    policy: Policy,
-    /// `None` when `proxy.fast_lane` is off or an egress proxy is in the way.
-    lane: Option<Lane>,
-    hyper: HyperEngine,
+    routes: Routes,
+    shared: Arc<ProxyConfig>,
     builder: hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
-    client_idle_timeout: std::time::Duration,
 }
 
 impl Proxy {
-    pub fn new(
-        cfg: ProxyConfig,
-        token: Arc<TokenHandle>,
-        metrics: Arc<Metrics>,
-        tls: rustls::ClientConfig,
-    ) -> Result<Self, BuildError> {
-        let uri: Uri = cfg
-            .upstream
-            .as_str()
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| BuildError::Upstream(e.into()))?;
-        let scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTPS);
-        let authority = uri
-            .authority()
-            .cloned()
-            .unwrap_or_else(|| Authority::from_static("invalid"));
-        // The same environment variables, read by the same parser, as reqwest.
-        let route = egress::route(&Matcher::from_env(), &uri)?;
-        if let Some(proxy) = route.proxy() {
-            info!(egress_proxy = %proxy, "upstream requests go through an egress proxy (from the environment)");
+    fn new(shared: &Arc<ProxyConfig>, routes: Vec<Arc<Route>>, metrics: &Arc<Metrics>) -> Self {
+        Proxy {
+            routes: Routes::new(routes, metrics.clone(), shared.access_log),
+            builder: crate::serve::http::builder(&serve_options(shared)),
+            shared: shared.clone(),
         }
-        let egress_auth = match &route {
-            egress::Route::Forward { auth, .. } => auth.clone(),
-            _ => None,
-        };
-        let direct = matches!(route, egress::Route::Direct);
-        let upstream = Arc::new(upstream::Upstream::new(&cfg, scheme, authority, route, tls));
-        let builder = crate::serve::http::builder(&serve_options(&cfg));
-        let lane =
-            (cfg.fast_lane && direct).then(|| Lane::new(upstream.clone(), cfg.pool_idle_timeout));
-        let policy = Policy::new(cfg, token, metrics, egress_auth);
-        Ok(Proxy {
-            hyper: HyperEngine::new(&policy, upstream),
-            client_idle_timeout: policy.cfg.client_idle_timeout,
-            policy,
-            lane,
-            builder,
-        })
     }
 
     /// Serves one connection: on the fast lane while its requests are for
     /// the lane, then (or from the start, with the lane off) on hyper.
     async fn serve_connection(self: Arc<Self>, io: ClientIo, peer: SocketAddr, stop: StopSignal) {
-        let io = match &self.lane {
-            Some(l) => match lane::serve(&self, l, io, peer, stop.clone()).await {
+        let io = if self.shared.fast_lane {
+            match lane::serve(&self.routes, &self.shared, io, peer, stop.clone()).await {
                 Some(io) => io,
                 None => return,
-            },
-            None => Prefixed::new(bytes::Bytes::new(), io),
+            }
+        } else {
+            Prefixed::new(bytes::Bytes::new(), io)
         };
         let proxy = self.clone();
         crate::serve::http::serve_connection(
             io,
             peer,
             &self.builder,
-            self.client_idle_timeout,
+            self.shared.client_idle_timeout,
             move |req| {
                 let proxy = proxy.clone();
-                async move { proxy.hyper.handle(&proxy.policy, req, peer).await }
+                async move { hyper_engine::handle(&proxy.routes, req, peer).await }
             },
             stop,
         )

@@ -25,6 +25,12 @@ pub enum PathRejection {
 /// strips before resolving), or hidden behind an encoded separator (`%2f`,
 /// `%5c`). `allow` prefixes are matched against the percent-decoded path.
 pub fn check(raw_path: &[u8], allow: &[String]) -> Result<(), PathRejection> {
+    check_segments(raw_path)?;
+    check_allowed(raw_path, allow)
+}
+
+/// The dot-segment and NUL checks of [`check`], on a whole raw path.
+pub fn check_segments(raw_path: &[u8]) -> Result<(), PathRejection> {
     if raw_path.first() != Some(&b'/') {
         return Err(PathRejection::NotAPath);
     }
@@ -46,6 +52,12 @@ pub fn check(raw_path: &[u8], allow: &[String]) -> Result<(), PathRejection> {
             }
         }
     }
+    Ok(())
+}
+
+/// The `allow_paths` check of [`check`]: `raw_path`, percent-decoded, is
+/// under one of the prefixes (every path is, when there are none).
+pub fn check_allowed(raw_path: &[u8], allow: &[String]) -> Result<(), PathRejection> {
     if !allow.is_empty() {
         let decoded: Vec<u8> = percent_decode(raw_path).collect();
         if !allow

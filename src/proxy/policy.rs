@@ -2,8 +2,9 @@
 //! lane and hyper), for HTTP/1.1 and HTTP/2 alike. It is shaped like the
 //! phases of a proxied exchange:
 //!
-//! 1. [`Policy::admit`]: the request is admitted or answered locally
-//!    (method, `Host`, framing fields, path checks);
+//! 1. [`admit`] and [`Policy::admit_path`]: the request is admitted or
+//!    answered locally (method, `Host`, framing fields; then the route's
+//!    path checks);
 //! 2. [`Policy::bearer`]: the token to inject (one `ArcSwap` load);
 //! 3. [`Policy::forwards_request_field`] and
 //!    [`Policy::write_request_fields`]: the upstream request head, which of
@@ -11,10 +12,12 @@
 //! 4. [`Policy::check_response`] and [`Replay`]: whether the upstream's
 //!    answer is usable, and whether a 401 means "replay with a new token";
 //! 5. [`Policy::forwards_response_field`], [`Policy::rewrite_location`] and
-//!    [`Policy::write_response_fields`]: the downstream response head;
-//! 6. [`Policy::local_answer`]: the sidecar's own answers, counted and
-//!    logged;
+//!    [`write_response_fields`]: the downstream response head;
+//! 6. [`local_answer`]: the sidecar's own answers, counted and logged;
 //! 7. the access log line and request metrics ([`super::exchange`]).
+//!
+//! Which route a request takes (and so which policy applies) is the first
+//! decision, in [`super::route`].
 //!
 //! An engine only translates between its own head representation (byte
 //! spans in the lane, a `HeaderMap` in hyper) and these functions: fields
@@ -33,8 +36,8 @@ use super::error::{BadResponse, ProxyError};
 use super::exchange::Exchange;
 use super::fields::{self, ContentLength, RequestFacts, ResponseFacts, TransferCoding, Upgrade};
 use super::path::{self, PathRejection};
-use crate::config::{ProxyConfig, RetryOn401};
-use crate::metrics::{Engine, Metrics};
+use crate::config::{ProxyConfig, RetryOn401, RouteConfig};
+use crate::metrics::{Engine, Metrics, RouteMetrics};
 use crate::token::TokenHandle;
 
 /// Replays after a 401 that rejected our token, at most.
@@ -91,11 +94,18 @@ impl FieldSink for HeaderMap {
     }
 }
 
-/// The settings, token and upstream base URL the policy applies.
+/// What the policy applies to one route's requests: the settings every
+/// route shares, the route's own, its credentials' token, and its
+/// upstream base URL.
 pub struct Policy {
-    pub cfg: ProxyConfig,
+    /// The `[proxy]` settings (timeouts, limits, `token_wait`, access log).
+    pub shared: Arc<ProxyConfig>,
+    /// The route's name, prefix, upstream and per-route settings.
+    pub route: RouteConfig,
     pub token: Arc<TokenHandle>,
     pub metrics: Arc<Metrics>,
+    /// The route's series, resolved once.
+    pub stats: Arc<RouteMetrics>,
     /// Upstream base URL as text (`https://host/base/`) and its path (`/base/`).
     base_url: String,
     base_path: String,
@@ -105,15 +115,18 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(
-        cfg: ProxyConfig,
+        shared: Arc<ProxyConfig>,
+        route: RouteConfig,
         token: Arc<TokenHandle>,
         metrics: Arc<Metrics>,
         egress_auth: Option<HeaderValue>,
     ) -> Self {
         Policy {
-            base_url: cfg.upstream.as_str().to_owned(),
-            base_path: cfg.upstream.path().to_owned(),
-            cfg,
+            base_url: route.upstream.as_str().to_owned(),
+            base_path: route.upstream.path().to_owned(),
+            stats: Arc::new(metrics.route(&route.name)),
+            shared,
+            route,
             token,
             metrics,
             egress_auth,
@@ -125,93 +138,41 @@ impl Policy {
         &self.base_path
     }
 
+    /// The rest of a raw path after this route's prefix (from its `/`), or
+    /// `None` when the path is not the route's. The prefix without its
+    /// trailing slash is the route's too: its rest is `/`.
+    #[inline]
+    pub fn rest_of<'p>(&self, path: &'p [u8]) -> Option<&'p [u8]> {
+        let prefix = self.route.prefix.as_bytes();
+        if path.starts_with(prefix) {
+            Some(&path[prefix.len() - 1..])
+        } else if path.len() + 1 == prefix.len() && prefix.starts_with(path) {
+            Some(b"/")
+        } else {
+            None
+        }
+    }
+
     // -- 1. Admission ------------------------------------------------------
 
-    /// Admits a request, or says which answer the sidecar gives instead.
-    pub fn admit(
-        &self,
-        line: &RequestLine<'_>,
-        facts: &RequestFacts<'_>,
-    ) -> Result<(), ProxyError> {
-        if line.method == b"CONNECT" {
-            return Err(ProxyError::MethodNotAllowed);
-        }
-        // Methods are case-sensitive and every registered one is upper
-        // case: `get` is no GET (nginx refuses it too).
-        if line.method.iter().any(u8::is_ascii_lowercase) {
-            return Err(ProxyError::BadRequest(
-                "the request method must be upper case",
-            ));
-        }
-        // RFC 9112 3.2: exactly one Host in an HTTP/1.1 request; HTTP/1.0
-        // and HTTP/2 (`:authority`) may go without.
-        let hosts_ok = match line.version {
-            Version::HTTP_11 => facts.hosts == 1,
-            _ => facts.hosts <= 1,
-        };
-        if !hosts_ok {
-            return Err(ProxyError::BadRequest(
-                "an HTTP/1.1 request needs exactly one Host field",
-            ));
-        }
-        if line.version < Version::HTTP_2 {
-            if let Some(a) = line.authority {
-                if !is_local_host(a) {
-                    return Err(ProxyError::BadRequest(
-                        "absolute-form target names another host; this proxy reaches only its configured upstream",
-                    ));
+    /// Admits a request's path for this route (`rest`: the path after the
+    /// route's prefix, from its `/`), after [`admit`].
+    pub fn admit_path(&self, path: &[u8], rest: &[u8]) -> Result<(), ProxyError> {
+        // Dot-segments anywhere in the path (no request leaves its route's
+        // base path); `allow_paths` against `/` plus the rest, so that
+        // `["/api/"]` means the same under any prefix.
+        path::check_segments(path)
+            .and_then(|()| path::check_allowed(rest, &self.route.allow_paths))
+            .map_err(|r| match r {
+                PathRejection::DotSegment => {
+                    ProxyError::BadRequest("dot-segments are not allowed in the request path")
                 }
-            }
-        }
-        match (facts.content_length, facts.transfer_coding) {
-            (ContentLength::Invalid, _) => {
-                return Err(ProxyError::BadFraming("invalid Content-Length"))
-            }
-            // RFC 9112 6.3: "ought to be handled as an error" (smuggling).
-            (ContentLength::Valid(_), TransferCoding::Chunked | TransferCoding::Other { .. }) => {
-                return Err(ProxyError::BadFraming(
-                    "both Content-Length and Transfer-Encoding",
-                ))
-            }
-            (_, TransferCoding::Other { chunked_last: true }) => {
-                return Err(ProxyError::UnsupportedTransferCoding)
-            }
-            // The body's end cannot be found: RFC 9112 6.3 says 400.
-            (
-                _,
-                TransferCoding::Other {
-                    chunked_last: false,
-                },
-            ) => {
-                return Err(ProxyError::BadFraming(
-                    "Transfer-Encoding must end with chunked",
-                ))
-            }
-            _ => {}
-        }
-        self.check_path(line.path)
-    }
-
-    /// Whether a raw request path may pass (`proxy.allow_paths`, dot-segments).
-    fn check_path(&self, raw_path: &[u8]) -> Result<(), ProxyError> {
-        path::check(raw_path, &self.cfg.allow_paths).map_err(|r| match r {
-            PathRejection::DotSegment => {
-                ProxyError::BadRequest("dot-segments are not allowed in the request path")
-            }
-            PathRejection::NotAllowed => ProxyError::PathNotAllowed,
-            PathRejection::NotAPath => ProxyError::BadRequest("the request target must be a path"),
-            PathRejection::Nul => ProxyError::BadRequest("the request path contains %00"),
-        })
-    }
-
-    /// The request's id: the client's `X-Request-Id` if it is a usable one,
-    /// else a new one.
-    pub fn request_id(&self, facts: &RequestFacts<'_>) -> HeaderValue {
-        facts
-            .request_id
-            .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
-            .and_then(|v| HeaderValue::from_bytes(v).ok())
-            .unwrap_or_else(new_request_id)
+                PathRejection::NotAllowed => ProxyError::PathNotAllowed,
+                PathRejection::NotAPath => {
+                    ProxyError::BadRequest("the request target must be a path")
+                }
+                PathRejection::Nul => ProxyError::BadRequest("the request path contains %00"),
+            })
     }
 
     // -- 2. The token ------------------------------------------------------
@@ -223,7 +184,7 @@ impl Policy {
             Some(t) => Ok(t),
             None if !self.token.ever_had_token() => self
                 .token
-                .wait_first(self.cfg.token_wait)
+                .wait_first(self.shared.token_wait)
                 .await
                 .map_err(|u| ProxyError::TokenUnavailable {
                     retry_after: u.retry_after,
@@ -236,10 +197,11 @@ impl Policy {
 
     // -- 3. The upstream request head -------------------------------------
 
-    /// Writes the upstream request target: the base path joined to the raw
-    /// path with one `/`, then the raw query, byte for byte.
-    pub fn write_target(&self, out: &mut Vec<u8>, raw_path: &[u8], query: Option<&[u8]>) {
-        path::write_join(out, &self.base_path, raw_path, query);
+    /// Writes the upstream request target: the route's base path joined to
+    /// `rest` (the raw path after the route's prefix) with one `/`, then
+    /// the raw query, byte for byte.
+    pub fn write_target(&self, out: &mut Vec<u8>, rest: &[u8], query: Option<&[u8]>) {
+        path::write_join(out, &self.base_path, rest, query);
     }
 
     /// Whether a client's request field crosses to the upstream as it came.
@@ -258,8 +220,8 @@ impl Policy {
             12 if is(b"x-request-id") => return false,
             13 if is(b"authorization") => return false,
             19 if is(b"proxy-authorization") => return false,
-            15 if self.cfg.forwarded_headers && is(b"x-forwarded-for") => return false,
-            16 if self.cfg.forwarded_headers
+            15 if self.route.forwarded_headers && is(b"x-forwarded-for") => return false,
+            16 if self.route.forwarded_headers
                 && (is(b"x-forwarded-host") || is(b"x-forwarded-proto")) =>
             {
                 return false
@@ -296,7 +258,7 @@ impl Policy {
         if facts.trailers {
             sink.field("te", &[b"trailers"]);
         }
-        if self.cfg.forwarded_headers {
+        if self.route.forwarded_headers {
             let mut ip = [0u8; 64];
             let ip = ip_text(peer.ip(), &mut ip);
             match facts.forwarded_for {
@@ -369,7 +331,7 @@ impl Policy {
     /// The `proxy.retry_on_401` policy, given whether a `WWW-Authenticate`
     /// of the 401 says `invalid_token`.
     fn rejects_token(&self, says_invalid_token: bool) -> bool {
-        match self.cfg.retry_on_401 {
+        match self.route.retry_on_401 {
             RetryOn401::Off => false,
             RetryOn401::Any => true,
             RetryOn401::InvalidToken => says_invalid_token,
@@ -379,13 +341,13 @@ impl Policy {
     /// Whether the request body is kept for a replay: a request of this
     /// length (`None`: unknown until it ends) may be replayed at all.
     pub fn keeps_body(&self, length: Option<u64>) -> bool {
-        self.cfg.retry_on_401 != RetryOn401::Off
-            && length.is_none_or(|n| n <= self.cfg.retry_body_limit as u64)
+        self.route.retry_on_401 != RetryOn401::Off
+            && length.is_none_or(|n| n <= self.route.retry_body_limit as u64)
     }
 
     /// How many body bytes a replay may keep.
     pub fn replay_limit(&self) -> usize {
-        self.cfg.retry_body_limit
+        self.route.retry_body_limit
     }
 
     // -- 5. The downstream response head ----------------------------------
@@ -415,16 +377,21 @@ impl Policy {
         !facts.connection.names(name)
     }
 
-    /// `http://<the name the client used>/`: where redirects into the
-    /// upstream are pointed instead. `host`: the client's `Host`, or
-    /// HTTP/2's `:authority`.
+    /// `http://<the name the client used><the route's prefix>`: where
+    /// redirects into the route's upstream are pointed instead. `host`:
+    /// the client's `Host`, or HTTP/2's `:authority`.
     pub fn public_base(&self, host: Option<&[u8]>) -> String {
         let host = host
             .and_then(|h| std::str::from_utf8(h).ok())
             .map(str::to_owned)
-            .or_else(|| self.cfg.listen.first().map(|a| a.to_string()))
+            .or_else(|| {
+                self.route
+                    .listen
+                    .or_else(|| self.shared.listen.first().copied())
+                    .map(|a| a.to_string())
+            })
             .unwrap_or_else(|| "localhost".into());
-        format!("http://{host}/")
+        format!("http://{host}{}", self.route.prefix)
     }
 
     /// `proxy_redirect default`: a `Location` or `Content-Location` value
@@ -446,7 +413,7 @@ impl Policy {
     /// Counts the upstream's answer that goes to the client (once per
     /// request, whatever replays came before it).
     pub fn pass_response(&self, status: u16, ex: &Exchange) {
-        self.metrics.upstream_status(status);
+        self.stats.upstream_status(status);
         ex.status.store(status, Ordering::Relaxed);
     }
 
@@ -486,62 +453,63 @@ impl Policy {
     pub fn is_location(name: &[u8]) -> bool {
         name.eq_ignore_ascii_case(b"location") || name.eq_ignore_ascii_case(b"content-location")
     }
+}
 
-    /// Writes the fields the sidecar adds to every answer (the request id;
-    /// `Date` when the upstream sent none, RFC 9110 6.6.1; `Connection:
-    /// upgrade` on a 101 passed through), and records the request's
-    /// duration: the head is ready to go.
-    pub fn write_response_fields(
-        &self,
-        sink: &mut impl FieldSink,
-        ex: &Exchange,
-        has_date: bool,
-        switching: bool,
-    ) {
-        sink.value("x-request-id", &ex.request_id);
-        if switching {
-            sink.field("connection", &[b"upgrade"]);
-        }
-        if !has_date {
-            let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-            sink.field("date", &[date.as_bytes()]);
-        }
-        ex.response_started();
+// -- 6. Local answers -----------------------------------------------------
+
+/// The sidecar's own answer to `e`, for the exchange `ex` (of a route, or
+/// of no route): counted in the exchange's route series, logged, and its
+/// head and JSON body (framing is the engine's).
+pub fn local_answer(e: &ProxyError, ex: &Exchange) -> LocalAnswer {
+    note_local_answer(e, ex);
+    let status = e.status();
+    ex.status.store(status.as_u16(), Ordering::Relaxed);
+    let mut fields = e.headers();
+    write_response_fields(&mut fields, ex, false, false);
+    LocalAnswer {
+        status,
+        fields,
+        body: e.body(),
+        close: e.closes(),
     }
+}
 
-    // -- 6. Local answers -------------------------------------------------
-
-    /// The sidecar's own answer to `e`: counted, logged, and its head and
-    /// JSON body (framing is the engine's).
-    pub fn local_answer(&self, e: &ProxyError, ex: &Exchange) -> LocalAnswer {
-        self.note_local_answer(e, &ex.request_id);
-        let status = e.status();
-        ex.status.store(status.as_u16(), Ordering::Relaxed);
-        let mut fields = e.headers();
-        self.write_response_fields(&mut fields, ex, false, false);
-        LocalAnswer {
-            status,
-            fields,
-            body: e.body(),
-            close: e.closes(),
-        }
+/// Counts and logs an answer the sidecar makes itself.
+fn note_local_answer(e: &ProxyError, ex: &Exchange) {
+    ex.stats.local_response(e.code());
+    // token_unavailable is not logged per request: during an outage that
+    // would be a line per request (thousands a second), and the
+    // refresher already logs the cause once per attempt. The access log
+    // and the metric still count every one.
+    let token_unavailable = matches!(e, ProxyError::TokenUnavailable { .. });
+    if e.status().is_server_error() && !token_unavailable {
+        tracing::warn!(error = e.code().as_str(), route = &*ex.stats.name,
+            request_id = ex.request_id.to_str().unwrap_or("-"),
+            cause = %crate::token::refresher::error_chain(e), "answered by the sidecar");
+    } else {
+        tracing::debug!(error = e.code().as_str(), route = &*ex.stats.name, reason = %e, "request refused");
     }
+}
 
-    /// Counts and logs an answer the sidecar makes itself.
-    fn note_local_answer(&self, e: &ProxyError, request_id: &HeaderValue) {
-        self.metrics.local_response(e.code());
-        // token_unavailable is not logged per request: during an outage that
-        // would be a line per request (thousands a second), and the
-        // refresher already logs the cause once per attempt. The access log
-        // and the metric still count every one.
-        let token_unavailable = matches!(e, ProxyError::TokenUnavailable { .. });
-        if e.status().is_server_error() && !token_unavailable {
-            tracing::warn!(error = e.code().as_str(), request_id = request_id.to_str().unwrap_or("-"),
-                cause = %crate::token::refresher::error_chain(e), "answered by the sidecar");
-        } else {
-            tracing::debug!(error = e.code().as_str(), reason = %e, "request refused");
-        }
+/// Writes the fields the sidecar adds to every answer (the request id;
+/// `Date` when the upstream sent none, RFC 9110 6.6.1; `Connection:
+/// upgrade` on a 101 passed through), and records the request's
+/// duration: the head is ready to go.
+pub fn write_response_fields(
+    sink: &mut impl FieldSink,
+    ex: &Exchange,
+    has_date: bool,
+    switching: bool,
+) {
+    sink.value("x-request-id", &ex.request_id);
+    if switching {
+        sink.field("connection", &[b"upgrade"]);
     }
+    if !has_date {
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        sink.field("date", &[date.as_bytes()]);
+    }
+    ex.response_started();
 }
 
 /// Which trailer fields cross ([`Policy::trailer_rule`]).
@@ -572,6 +540,79 @@ impl TrailerRule {
                 .iter()
                 .any(|n| n.as_bytes().eq_ignore_ascii_case(name))
     }
+}
+
+/// Admits a request whatever its route (method, `Host`, framing fields), or
+/// says which answer the sidecar gives instead; the route's path rules
+/// follow ([`Policy::admit_path`]).
+pub fn admit(line: &RequestLine<'_>, facts: &RequestFacts<'_>) -> Result<(), ProxyError> {
+    if line.method == b"CONNECT" {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    // Methods are case-sensitive and every registered one is upper
+    // case: `get` is no GET (nginx refuses it too).
+    if line.method.iter().any(u8::is_ascii_lowercase) {
+        return Err(ProxyError::BadRequest(
+            "the request method must be upper case",
+        ));
+    }
+    // RFC 9112 3.2: exactly one Host in an HTTP/1.1 request; HTTP/1.0
+    // and HTTP/2 (`:authority`) may go without.
+    let hosts_ok = match line.version {
+        Version::HTTP_11 => facts.hosts == 1,
+        _ => facts.hosts <= 1,
+    };
+    if !hosts_ok {
+        return Err(ProxyError::BadRequest(
+            "an HTTP/1.1 request needs exactly one Host field",
+        ));
+    }
+    if line.version < Version::HTTP_2 {
+        if let Some(a) = line.authority {
+            if !is_local_host(a) {
+                return Err(ProxyError::BadRequest(
+                    "absolute-form target names another host; this proxy reaches only its configured upstream",
+                ));
+            }
+        }
+    }
+    match (facts.content_length, facts.transfer_coding) {
+        (ContentLength::Invalid, _) => {
+            return Err(ProxyError::BadFraming("invalid Content-Length"))
+        }
+        // RFC 9112 6.3: "ought to be handled as an error" (smuggling).
+        (ContentLength::Valid(_), TransferCoding::Chunked | TransferCoding::Other { .. }) => {
+            return Err(ProxyError::BadFraming(
+                "both Content-Length and Transfer-Encoding",
+            ))
+        }
+        (_, TransferCoding::Other { chunked_last: true }) => {
+            return Err(ProxyError::UnsupportedTransferCoding)
+        }
+        // The body's end cannot be found: RFC 9112 6.3 says 400.
+        (
+            _,
+            TransferCoding::Other {
+                chunked_last: false,
+            },
+        ) => {
+            return Err(ProxyError::BadFraming(
+                "Transfer-Encoding must end with chunked",
+            ))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The request's id: the client's `X-Request-Id` if it is a usable one,
+/// else a new one.
+pub fn request_id(facts: &RequestFacts<'_>) -> HeaderValue {
+    facts
+        .request_id
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+        .and_then(|v| HeaderValue::from_bytes(v).ok())
+        .unwrap_or_else(new_request_id)
 }
 
 /// The sidecar's own answer, before framing.
@@ -620,7 +661,7 @@ impl Replay<'_> {
         // No newer token in time: the 401 goes back to the client.
         let (newer, bearer) = policy
             .token
-            .wait_usable(self.rejected, policy.cfg.token_wait)
+            .wait_usable(self.rejected, policy.shared.token_wait)
             .await
             .ok()?;
         ex.generation.store(newer, Ordering::Relaxed);

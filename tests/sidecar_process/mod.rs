@@ -80,7 +80,23 @@ pub fn write_config(toml: &str) -> (tempfile::TempDir, PathBuf) {
 /// no inherited `RUST_LOG` or `TOKEN_SIDECAR_*`, but, in a test that runs
 /// on both engines, `proxy.fast_lane` for the engine under test.
 pub fn command() -> Command {
-    let mut cmd = Command::new(BIN);
+    clean(Command::new(BIN))
+}
+
+/// [`command`], with `hosts` as the process's `/etc/hosts`: run in a mount
+/// namespace of its own (`unshare`, util-linux), so a test can give a name
+/// several addresses without touching the machine's file. Arguments added
+/// to the command go to the binary.
+pub fn command_with_hosts(hosts: &Path) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--map-root-user", "sh", "-c"])
+        .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$0" "$@""#)
+        .arg(BIN)
+        .arg(hosts);
+    clean(cmd)
+}
+
+fn clean(mut cmd: Command) -> Command {
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy();
         if k == "RUST_LOG" || k.starts_with("TOKEN_SIDECAR_") {
@@ -99,8 +115,17 @@ pub fn command() -> Command {
 impl Process {
     /// Starts `token-sidecar --config <file with toml>`, plus `extra` settings.
     pub fn run_config(toml: &str, extra: impl FnOnce(&mut Command)) -> Process {
+        Self::run_config_with(command(), toml, extra)
+    }
+
+    /// [`Process::run_config`] with `cmd` (from [`command`] or
+    /// [`command_with_hosts`]).
+    pub fn run_config_with(
+        mut cmd: Command,
+        toml: &str,
+        extra: impl FnOnce(&mut Command),
+    ) -> Process {
         let (dir, path) = write_config(toml);
-        let mut cmd = command();
         cmd.arg("--config").arg(&path);
         extra(&mut cmd);
         let mut p = Process::spawn(cmd);

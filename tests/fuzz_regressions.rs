@@ -297,3 +297,66 @@ async fn a_chunked_body_that_breaks_passes_on_what_came_before() {
     assert_eq!(r.body, b"3\r\nabc\r\n", "{}", r.body_text());
 }
 }
+
+engines! {
+/// differential: when the request body came in a later read than its head
+/// and the upstream's answer then failed (here a malformed head: 502), the
+/// lane closed the client connection as if the body were still unread;
+/// hyper, which had read it to its end, kept the connection. A body read
+/// to its end leaves nothing on the connection but the next request: the
+/// lane keeps it too now.
+#[tokio::test]
+async fn a_failed_exchange_after_a_whole_body_keeps_the_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/base/", listener.local_addr().expect("addr"));
+    let (heads_tx, mut heads) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let heads_tx = heads_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let _ = heads_tx.send(());
+                if head.contains("content-length: 2") {
+                    while buf.len() < end + 2 {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nBad\0Name: x\r\n\r\n").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let front = Front::start(&url, "").await;
+    let mut c = tokio::net::TcpStream::connect(front.proxy).await.expect("connect");
+    c.write_all(b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n").await.expect("write");
+    tokio::time::timeout(Duration::from_secs(10), heads.recv())
+        .await
+        .expect("the head reaches the upstream");
+    c.write_all(b"hi").await.expect("write");
+    let first = upstream::read_head(&mut c).await;
+    assert!(first.starts_with("HTTP/1.1 502 "), "{first}");
+    assert!(!first.to_ascii_lowercase().contains("connection: close"), "{first}");
+    let n: usize = first
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+        .expect("a length");
+    upstream::read_exact(&mut c, n).await;
+    c.write_all(b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n").await.expect("write");
+    let second = upstream::read_head(&mut c).await;
+    assert!(second.starts_with("HTTP/1.1 502 "), "the connection serves the next request: {second}");
+}
+}

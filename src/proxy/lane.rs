@@ -603,10 +603,8 @@ impl<H> Conn<'_, H> {
         ex.generation.store(generation, Ordering::Relaxed);
 
         let mut copy = policy.keeps_body(Some(self.req.length)).then(Vec::new);
-        let (mut up, mut answer, sent_all) = self
-            .send(ex, &bearer, Body::Client(&mut copy))
-            .await
-            .map_err(|e| (e, body_left))?;
+        let (mut up, mut answer, sent_all) =
+            self.send(ex, &bearer, Body::Client(&mut copy)).await?;
         let mut replay = policy.replay(generation, Engine::FastLane);
         // The copy is there only if the body was within the limit and all sent.
         let replayable = copy.is_some() && sent_all;
@@ -619,7 +617,7 @@ impl<H> Conn<'_, H> {
             (up, answer, _) =
                 self.send(ex, &bearer, Body::Copy(copy))
                     .await
-                    .map_err(|e| match e {
+                    .map_err(|(e, _)| match e {
                         // Too late to hand over: the first answer was read.
                         Failed::ToHyper => (
                             Failed::Answer(ProxyError::UpstreamUnavailable(
@@ -636,13 +634,15 @@ impl<H> Conn<'_, H> {
     /// Sends the request upstream (head, then body) and reads the response
     /// head. Returns the connection with the head at the start of its
     /// buffer, and whether the whole request body went out (the upstream
-    /// may answer before it has read it all).
+    /// may answer before it has read it all); a failure comes with whether
+    /// client body bytes are still unread (a body read to its end leaves
+    /// the connection usable for the next request).
     async fn send(
         &mut self,
         ex: &Exchange,
         bearer: &HeaderValue,
         mut body: Body<'_>,
-    ) -> Result<(UpConn, Answer, bool), Failed> {
+    ) -> Result<(UpConn, Answer, bool), (Failed, bool)> {
         let policy = self.policy;
         let started = Instant::now();
         let until = started + policy.route.request_timeout;
@@ -651,6 +651,8 @@ impl<H> Conn<'_, H> {
             .take()
             .unwrap_or_else(|| Deadline::new(until));
         deadline.set(until);
+        let mut unread = matches!(body, Body::Client(_))
+            && (self.buf.len() - self.head.len) < self.req.length as usize;
         let sending = async {
             let mut up = match self.lane.checkout().await {
                 Ok(up) => up,
@@ -677,7 +679,9 @@ impl<H> Conn<'_, H> {
                     write_up(&mut up.io, &self.out, self.shared.body_idle_timeout).await?;
                     ex.bytes_up.fetch_add(in_buf as u64, Ordering::Relaxed);
                     let rest = (length - in_buf) as u64;
-                    rest == 0 || self.stream_body(&mut up, rest, copy, ex).await?
+                    let all = rest == 0 || self.stream_body(&mut up, rest, copy, ex).await?;
+                    unread = !all;
+                    all
                 }
             };
             let answer = self.response_head(&mut up).await?;
@@ -687,21 +691,22 @@ impl<H> Conn<'_, H> {
         self.request_deadline = Some(deadline);
         ex.upstream_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        match result {
-            None => Err(Failed::Answer(ProxyError::UpstreamTimeout)),
-            Some(Ok(sent)) => Ok(sent),
-            Some(Err(SendError::ToHyper)) => Err(Failed::ToHyper),
-            Some(Err(SendError::ClientGone)) => Err(Failed::Gone),
+        let failed = match result {
+            Some(Ok(sent)) => return Ok(sent),
+            None => Failed::Answer(ProxyError::UpstreamTimeout),
+            Some(Err(SendError::ToHyper)) => Failed::ToHyper,
+            Some(Err(SendError::ClientGone)) => Failed::Gone,
             Some(Err(SendError::BadResponse(e))) => {
-                Err(Failed::Answer(ProxyError::BadUpstreamResponse(e)))
+                Failed::Answer(ProxyError::BadUpstreamResponse(e))
             }
             Some(Err(SendError::ClientBody(e))) => {
-                Err(Failed::Answer(ProxyError::from_upstream(Box::new(e))))
+                Failed::Answer(ProxyError::from_upstream(Box::new(e)))
             }
             Some(Err(SendError::Upstream(e))) => {
-                Err(Failed::Answer(ProxyError::from_upstream(Box::new(e))))
+                Failed::Answer(ProxyError::from_upstream(Box::new(e)))
             }
-        }
+        };
+        Err((failed, unread))
     }
 
     /// Streams the rest of the request body (`rest` bytes) from the client

@@ -438,7 +438,7 @@ impl Policy {
     /// has one (`None`: empty, or not UTF-8 and so not kept by the
     /// parser), else the status code's own (RFC 9112 4: clients ignore
     /// it; an empty one is what a status code without a known reason gets).
-    pub fn reason_phrase<'a>(status: u16, upstream: Option<&'a [u8]>) -> &'a [u8] {
+    pub fn reason_phrase(status: u16, upstream: Option<&[u8]>) -> &[u8] {
         match upstream {
             Some(r) if !r.is_empty() => r,
             _ => http::StatusCode::from_u16(status)

@@ -360,3 +360,29 @@ async fn a_failed_exchange_after_a_whole_body_keeps_the_connection() {
     assert!(second.starts_with("HTTP/1.1 502 "), "the connection serves the next request: {second}");
 }
 }
+
+/// An answer with a chunked body `hello` and `n` trailer field lines.
+fn with_trailer_lines(n: usize) -> &'static [u8] {
+    let mut answer =
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n".to_vec();
+    for i in 0..n {
+        answer.extend_from_slice(format!("X-T{i}: 1\r\n").as_bytes());
+    }
+    answer.extend_from_slice(b"\r\n");
+    answer.leak()
+}
+
+engines! {
+/// h1: a trailer section of more than 100 field lines ended the body
+/// normally on the lane, while hyper refuses it (at most as many trailer
+/// fields as head fields, 100). The lane now keeps the same bound; the good
+/// chunk still goes out before the connection closes.
+#[tokio::test]
+async fn more_than_100_trailer_fields_break_the_body() {
+    let r = through(with_trailer_lines(101)).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, b"5\r\nhello\r\n", "{}", r.body_text());
+    let r = through(with_trailer_lines(100)).await;
+    assert_eq!(r.body, b"5\r\nhello\r\n0\r\n\r\n", "{}", r.body_text());
+}
+}

@@ -331,7 +331,8 @@ impl Chunked {
                 (Ext, b'\n') => return Err(BadChunk),
                 (Ext, _) => Ext,
                 (SizeLf, b'\n') if self.size == 0 => {
-                    out.extend_from_slice(b"0\r\n");
+                    // The last chunk is written with the trailer section,
+                    // once that has been read whole.
                     self.line.clear();
                     (self.line_start, self.lines) = (0, 0);
                     Trailer
@@ -354,12 +355,21 @@ impl Chunked {
                     Trailer
                 }
                 (TrailerLf, b'\n') if self.line.len() == self.line_start => {
-                    write_trailers(out, &mut self.line, self.lines, keep_trailer)?;
+                    let mark = out.len();
+                    out.extend_from_slice(b"0\r\n");
+                    if let Err(e) = write_trailers(out, &mut self.line, self.lines, keep_trailer) {
+                        out.truncate(mark);
+                        return Err(e);
+                    }
                     out.extend_from_slice(b"\r\n");
                     self.state = Done;
                     return Ok((i, true));
                 }
                 (TrailerLf, b'\n') => {
+                    // As many trailer fields as head fields, as hyper allows.
+                    if self.lines == MAX_HEADERS {
+                        return Err(BadChunk);
+                    }
                     self.line.extend_from_slice(b"\r\n");
                     self.line_start = self.line.len();
                     self.lines += 1;

@@ -5,6 +5,7 @@
 # Not part of the default test run; all traffic stays on 127.0.0.1.
 #
 #   bench/soak.sh [DURATION_SECS] [more soak options, see: target/release/soak --help]
+#   bench/soak.sh 60 --outages 20    # recovery after 20 token endpoint outages
 #
 # Prints one summary line and one PASS/FAIL line per target; exits 1 when a
 # target is missed, 2 when the soak itself could not run.

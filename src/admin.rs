@@ -50,7 +50,7 @@ impl Admin {
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
         let post = req.method() == Method::POST;
         match req.uri().path() {
-            "/healthz" if get => text(StatusCode::OK, "ok\n"),
+            "/healthz" if get => self.health(),
             "/readyz" if get => self.ready(),
             "/metrics" if get => {
                 let body = self.metrics.render(self.token.usable().is_some());
@@ -97,6 +97,19 @@ impl Admin {
         }
     }
 
+    /// Alive unless the token task could not be kept running: then no token
+    /// will ever come again, and only a restart of the container helps.
+    fn health(&self) -> Response<Body> {
+        if self.token.refresher_running() {
+            text(StatusCode::OK, "ok\n")
+        } else {
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the token refresh task cannot be kept running\n",
+            )
+        }
+    }
+
     fn ready(&self) -> Response<Body> {
         if self.lifecycle.is_draining() {
             return json_response(
@@ -126,6 +139,9 @@ impl Admin {
             t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| d.as_secs())
         };
+        // The same instants for a person: RFC 3339, UTC, whole seconds.
+        let rfc3339 =
+            |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
         let seconds_left = s
             .expires_at
             .map(|e| e.duration_since(now).map(|d| d.as_secs()).unwrap_or(0));
@@ -134,14 +150,22 @@ impl Admin {
             "draining": self.lifecycle.is_draining(),
             "generation": s.generation,
             "obtained_at": unix(s.obtained_at),
+            "obtained_at_rfc3339": rfc3339(s.obtained_at),
             "expires_at": unix(s.expires_at),
+            "expires_at_rfc3339": rfc3339(s.expires_at),
             "seconds_left": seconds_left,
             "grant": s.grant,
+            "reason": s.reason,
             "last_attempt_at": unix(s.last_attempt_at),
+            "last_attempt_at_rfc3339": rfc3339(s.last_attempt_at),
             "last_grant": s.last_grant,
+            "last_reason": s.last_reason,
             "last_outcome": s.last_outcome,
             "last_error": s.last_error,
+            "last_error_cause": s.last_cause,
+            "last_error_hint": s.last_cause.map(|c| c.hint()),
             "consecutive_failures": s.consecutive_failures,
+            "refresher_running": self.token.refresher_running(),
             "next_attempt_in_secs": s.next_attempt.saturating_duration_since(tokio::time::Instant::now()).as_secs(),
             "version": env!("CARGO_PKG_VERSION"),
         })

@@ -146,14 +146,7 @@ async fn start_inner<E: TokenEndpoint>(
         })?;
 
     let metrics = Arc::new(Metrics::new());
-    let settings = refresher::Settings {
-        refresh: config.refresh.clone(),
-        oauth_timeout: config.oauth.timeout,
-        secrets: vec![
-            config.oauth.client_secret.clone(),
-            config.oauth.password.clone(),
-        ],
-    };
+    let settings = refresher::Settings::from_config(config);
     let (token, refresher) = refresher::spawn(endpoint, settings, metrics.clone(), fastrand::f64);
 
     let specs = config

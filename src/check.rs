@@ -4,15 +4,20 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::token::client::{Grant, HttpTokenClient, TokenEndpoint};
+use crate::token::client::{Credentials, Grant, HttpTokenClient, TokenEndpoint};
 use crate::token::GrantKind;
 
-/// Exit code of `check` for a valid config.
+/// Exit code of `check` for a valid config (and of a clean stop).
 pub const EXIT_OK: i32 = 0;
+/// Exit code of a start-up failure (an address in use, TLS set-up, ...).
+pub const EXIT_START_FAILED: i32 = 1;
 /// Exit code for a configuration error (also of a normal start).
 pub const EXIT_CONFIG: i32 = 2;
 /// Exit code of `check --live` when the grant failed.
 pub const EXIT_LIVE_FAILED: i32 = 3;
+/// Exit code of a command line that cannot be parsed (sysexits' `EX_USAGE`),
+/// kept apart from a configuration error.
+pub const EXIT_USAGE: i32 = 64;
 
 /// Performs one password grant; returns the line to print and the exit code.
 pub async fn live(config: &Config) -> (String, i32) {
@@ -32,10 +37,19 @@ pub async fn live(config: &Config) -> (String, i32) {
             )
         }
     };
+    let credentials = match Credentials::load(&config.oauth) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                format!("live check failed: {}", e.describe()),
+                EXIT_LIVE_FAILED,
+            )
+        }
+    };
     let timeout = config.oauth.timeout;
     let result = tokio::time::timeout(
         timeout + Duration::from_secs(1),
-        client.request(&Grant::Password, timeout),
+        client.request(&Grant::Password, &credentials, timeout),
     )
     .await;
     match result {

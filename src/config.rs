@@ -148,6 +148,9 @@ pub struct RefreshConfig {
     pub expiry_margin: Option<Duration>,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Cap on the transient backoff while no usable token is held, so that
+    /// traffic resumes soon after the token endpoint comes back.
+    pub backoff_max_without_token: Duration,
     pub rejected_backoff_min: Duration,
     pub rejected_backoff_max: Duration,
     /// How often secret files are checked for a change while logins are refused.
@@ -231,10 +234,12 @@ impl fmt::Display for Problem {
     }
 }
 
-/// Every problem found in one pass.
+/// Every problem found in one pass, and the warnings found beside them
+/// (a misnamed variable often explains a missing key).
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
     pub problems: Vec<Problem>,
+    pub warnings: Vec<String>,
 }
 
 impl fmt::Display for ConfigError {
@@ -274,9 +279,13 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
                 source: path.display().to_string(),
                 message: "config file not found or not a regular file".into(),
             }],
+            warnings: Vec::new(),
         });
     }
-    load_figment(figment(path))
+    let names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .collect();
+    load_with_env(figment(path), &names)
 }
 
 /// The figment: the TOML file, then two-part `TOKEN_SIDECAR_<SECTION>__<KEY>`
@@ -293,6 +302,12 @@ pub fn figment(path: &Path) -> Figment {
 
 /// Validates a figment (the file plus environment, or anything a test builds).
 pub fn load_figment(fig: Figment) -> Result<Loaded, ConfigError> {
+    load_with_env(fig, &[])
+}
+
+/// Validates a figment, and warns about each of the environment variables
+/// `env_names` that looks meant for the sidecar but is not read.
+pub fn load_with_env(fig: Figment, env_names: &[String]) -> Result<Loaded, ConfigError> {
     // A provider that failed (a TOML syntax error) makes every key look
     // unset: report the failure itself, not a list of "is required".
     if let Err(e) = figment::Provider::data(&fig) {
@@ -306,6 +321,7 @@ pub fn load_figment(fig: Figment) -> Result<Loaded, ConfigError> {
                     .map_or_else(|| "TOML file".into(), |s| s.to_string()),
                 message: without_source_lines(&e.kind.to_string()),
             }],
+            warnings: Vec::new(),
         });
     }
     let mut r = Reader::new(&fig);
@@ -364,6 +380,7 @@ pub fn load_figment(fig: Figment) -> Result<Loaded, ConfigError> {
         expiry_margin: r.optional_duration("refresh.expiry_margin"),
         backoff_base: r.duration("refresh.backoff_base", "1s"),
         backoff_max: r.duration("refresh.backoff_max", "60s"),
+        backoff_max_without_token: r.duration("refresh.backoff_max_without_token", "5s"),
         rejected_backoff_min: r.duration("refresh.rejected_backoff_min", "1m"),
         rejected_backoff_max: r.duration("refresh.rejected_backoff_max", "30m"),
         secret_poll_interval: r.duration("refresh.secret_poll_interval", "2s"),
@@ -391,6 +408,8 @@ pub fn load_figment(fig: Figment) -> Result<Loaded, ConfigError> {
     };
     r.check_semantics(&config);
     r.check_unknown_keys();
+    let known: Vec<&str> = r.known.iter().copied().collect();
+    r.warnings.extend(unread_variables(env_names, &known));
     if r.problems.is_empty() {
         Ok(Loaded {
             config,
@@ -399,6 +418,7 @@ pub fn load_figment(fig: Figment) -> Result<Loaded, ConfigError> {
     } else {
         Err(ConfigError {
             problems: r.problems,
+            warnings: r.warnings,
         })
     }
 }
@@ -493,10 +513,16 @@ impl<'a> Reader<'a> {
         match v.deserialize::<T>() {
             Ok(t) => Some(t),
             Err(e) => {
-                self.problem(key, describe_de_error(&e));
+                self.problem(key, in_user_terms(&e.kind));
                 None
             }
         }
+    }
+
+    /// Whether any source sets `key` (perhaps to a value of the wrong type,
+    /// already reported: it is not "missing" as well).
+    fn is_set(&self, key: &str) -> bool {
+        self.fig.find_value(key).is_ok()
     }
 
     fn value<T: DeserializeOwned>(&mut self, key: &'static str, default: T) -> T {
@@ -524,7 +550,9 @@ impl<'a> Reader<'a> {
                 String::new()
             }
             None => {
-                self.missing(key, "is required");
+                if !self.is_set(key) {
+                    self.missing(key, "is required");
+                }
                 String::new()
             }
         }
@@ -581,7 +609,20 @@ impl<'a> Reader<'a> {
     }
 
     fn listen(&mut self, key: &'static str, default: &[&str]) -> Vec<SocketAddr> {
-        let texts = match self.typed::<OneOrMany>(key) {
+        let parsed = match self.raw(key) {
+            None => None,
+            Some(v) => match v.deserialize::<OneOrMany>() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    self.problem(
+                        key,
+                        "must be an address in quotes (\"127.0.0.1:7080\") or a list of them",
+                    );
+                    return Vec::new();
+                }
+            },
+        };
+        let texts = match parsed {
             Some(OneOrMany::One(s)) => vec![s],
             Some(OneOrMany::Many(v)) => v,
             None => default.iter().map(|s| s.to_string()).collect(),
@@ -606,7 +647,9 @@ impl<'a> Reader<'a> {
 
     fn url(&mut self, key: &'static str, is_base: bool) -> Option<Url> {
         let Some(text) = self.string(key) else {
-            self.missing(key, "is required");
+            if !self.is_set(key) {
+                self.missing(key, "is required");
+            }
             return None;
         };
         let mut url = match Url::parse(&text) {
@@ -694,8 +737,7 @@ impl<'a> Reader<'a> {
             (None, Some(path)) => {
                 let src = SecretSource::File(PathBuf::from(path));
                 if let Err(e) = src.load() {
-                    let cause = e.source.to_string();
-                    self.problem(file_key, format!("{e}: {cause}"));
+                    self.problem(file_key, e.describe());
                 }
                 src
             }
@@ -717,6 +759,12 @@ impl<'a> Reader<'a> {
             self.problem(
                 "refresh.rejected_backoff_min",
                 "must be greater than 0 and at most refresh.rejected_backoff_max",
+            );
+        }
+        if r.backoff_max_without_token.is_zero() {
+            self.problem(
+                "refresh.backoff_max_without_token",
+                "must be greater than 0",
             );
         }
         if r.secret_poll_interval.is_zero() {
@@ -782,24 +830,63 @@ impl<'a> Reader<'a> {
         for (key, value) in unknown {
             let is_section =
                 !self.known.iter().any(|k| k.starts_with(&format!("{key}."))) && !key.contains('.');
-            let msg = if is_section {
-                "unknown section"
-            } else {
-                "unknown key"
-            };
             // An unknown table's own name is no variable anyone set: name the
             // sources of what it holds (`TOKEN_SIDECAR_NOPE__X`, the file).
             let mut leaves = Vec::new();
             leaf_keys(key.clone(), value, &mut leaves);
+            let from_env = leaves.iter().all(|l| self.is_from_env(l));
             let mut sources: Vec<String> = leaves.iter().map(|l| self.source(l)).collect();
             sources.sort();
             sources.dedup();
+            let message = if is_section {
+                let sections: BTreeSet<&str> = self
+                    .known
+                    .iter()
+                    .filter_map(|k| k.split_once('.'))
+                    .map(|(s, _)| s)
+                    .collect();
+                match nearest(&key, sections) {
+                    Some(near) if from_env => format!(
+                        "unknown section: did you mean {}?",
+                        env_name(&leaves[0].replacen(&key, near, 1))
+                    ),
+                    Some(near) => format!("unknown section: did you mean [{near}]?"),
+                    None => "unknown section".into(),
+                }
+            } else {
+                match self.near_key(&key) {
+                    Some(near) if from_env => {
+                        format!("unknown key: did you mean {}?", env_name(near))
+                    }
+                    Some(near) => format!("unknown key: did you mean {near}?"),
+                    None => "unknown key".into(),
+                }
+            };
             self.problems.push(Problem {
                 key,
                 source: sources.join(", "),
-                message: msg.into(),
+                message,
             });
         }
+    }
+
+    /// A known key that `key` probably meant: a near miss in the same
+    /// section, else the same name in another section.
+    fn near_key(&self, key: &str) -> Option<&'static str> {
+        let (section, name) = key.rsplit_once('.')?;
+        let in_section = self
+            .known
+            .iter()
+            .filter(|k| k.rsplit_once('.').is_some_and(|(s, _)| s == section))
+            .map(|k| (k.rsplit_once('.').map_or(*k, |(_, n)| n), *k));
+        let (names, keys): (Vec<&str>, Vec<&'static str>) = in_section.unzip();
+        if let Some(near) = nearest(name, names.iter().copied()) {
+            return names.iter().position(|n| *n == near).map(|i| keys[i]);
+        }
+        self.known
+            .iter()
+            .find(|k| k.rsplit_once('.').is_some_and(|(_, n)| n == name))
+            .copied()
     }
 
     fn walk<'v>(&self, path: String, v: &'v Value, out: &mut Vec<(String, &'v Value)>) {
@@ -831,6 +918,109 @@ fn leaf_keys(path: String, v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Variables under [`ENV_PREFIX`] that are not settings and are ignored
+/// without a word: the config path, and what Kubernetes injects for a
+/// Service named `token-sidecar` (`TOKEN_SIDECAR_SERVICE_HOST`,
+/// `TOKEN_SIDECAR_PORT_7080_TCP`, ...) into pods that keep service links on.
+/// A trailing `*` matches any rest.
+pub const IGNORED_VARIABLES: &[&str] = &[
+    "CONFIG",
+    "SERVICE_HOST",
+    "SERVICE_PORT",
+    "SERVICE_PORT_*",
+    "PORT",
+    "PORT_*",
+];
+
+/// A warning for each variable among `names` that starts with
+/// [`ENV_PREFIX`] but is neither a setting (those hold `__` and are read, or
+/// reported as unknown keys) nor ignored ([`IGNORED_VARIABLES`]), naming the
+/// form it probably meant.
+///
+/// `keys` are the dotted config keys; a segment `*` stands for a name the
+/// user chooses, so `credentials.*.password` turns
+/// `TOKEN_SIDECAR_CREDENTIALS_BILLING_PASSWORD` into
+/// `TOKEN_SIDECAR_CREDENTIALS__BILLING__PASSWORD`.
+pub fn unread_variables(names: &[String], keys: &[&str]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for name in names {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if rest.contains("__") || is_ignored_variable(rest) {
+            continue;
+        }
+        warnings.push(match meant_variable(rest, keys) {
+            Some(meant) => format!(
+                "environment variable {name} is not read: did you mean {meant}? (two underscores between the parts of a setting)"
+            ),
+            None => format!(
+                "environment variable {name} is not read: settings are {ENV_PREFIX}<SECTION>__<KEY>, e.g. {}",
+                env_name("oauth.password")
+            ),
+        });
+    }
+    warnings
+}
+
+fn is_ignored_variable(rest: &str) -> bool {
+    IGNORED_VARIABLES
+        .iter()
+        .any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => rest.starts_with(prefix),
+            None => rest == *pattern,
+        })
+}
+
+/// The variable that `rest` (a name after the prefix) was probably meant to
+/// be: the same words with the parts of a key told apart, or failing that
+/// a near miss of such a name.
+fn meant_variable(rest: &str, keys: &[&str]) -> Option<String> {
+    let words: Vec<&str> = rest.split('_').filter(|w| !w.is_empty()).collect();
+    for key in keys {
+        let parts: Vec<String> = key.split('.').map(str::to_ascii_uppercase).collect();
+        if let Some(filled) = fill_parts(&words, &parts) {
+            return Some(format!("{ENV_PREFIX}{}", filled.join("__")));
+        }
+    }
+    // A near miss (`OAUTH_PASWORD`), among the keys without a name in them.
+    let joined = words.join("_");
+    let plain: Vec<(String, &str)> = keys
+        .iter()
+        .filter(|k| !k.split('.').any(|p| p == "*"))
+        .map(|k| (k.to_ascii_uppercase().replace('.', "_"), *k))
+        .collect();
+    nearest(&joined, plain.iter().map(|(flat, _)| flat.as_str())).and_then(|near| {
+        plain
+            .iter()
+            .find(|(flat, _)| flat == near)
+            .map(|(_, key)| env_name(key))
+    })
+}
+
+/// Matches `words` against the parts of a key (each part one or more words;
+/// `*` any one or more words) and returns the parts as filled in.
+fn fill_parts(words: &[&str], parts: &[String]) -> Option<Vec<String>> {
+    let Some((part, rest)) = parts.split_first() else {
+        return words.is_empty().then(Vec::new);
+    };
+    let mut prefixes: Vec<usize> = Vec::new();
+    if part == "*" {
+        prefixes.extend(1..=words.len());
+    } else {
+        let n = part.split('_').count();
+        let candidate = words.get(..n)?;
+        if candidate.join("_") == *part {
+            prefixes.push(n);
+        }
+    }
+    prefixes.into_iter().find_map(|n| {
+        let mut filled = fill_parts(&words[n..], rest)?;
+        filled.insert(0, words[..n].join("_"));
+        Some(filled)
+    })
+}
+
 /// `oauth.password` -> `TOKEN_SIDECAR_OAUTH__PASSWORD`.
 pub fn env_name(key: &str) -> String {
     format!(
@@ -846,9 +1036,87 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-fn describe_de_error(e: &figment::Error) -> String {
-    // figment's Display adds "for key ... in source"; we name both ourselves.
-    e.kind.to_string()
+/// A deserialization error in the terms of the TOML file: "true or false",
+/// "a whole number", "a list", never a Rust type name such as `usize`.
+/// (figment's own Display also adds "for key ... in source", which the
+/// problem line names itself.)
+fn in_user_terms(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
+            format!(
+                "must be {}, not {}",
+                expected_terms(expected),
+                actual_terms(actual)
+            )
+        }
+        Kind::UnknownVariant(found, expected) => {
+            let choices = expected
+                .iter()
+                .map(|c| format!("\"{c}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut m = format!("\"{found}\" is not one of {choices}");
+            if let Some(near) = nearest(found, expected.iter().copied()) {
+                m.push_str(&format!(": did you mean \"{near}\"?"));
+            }
+            m
+        }
+        Kind::InvalidLength(n, expected) => {
+            format!("has {n} items; expected {}", expected_terms(expected))
+        }
+        other => other.to_string().replace('`', "\""),
+    }
+}
+
+/// serde's "expected ..." in TOML terms.
+fn expected_terms(expected: &str) -> String {
+    match expected {
+        "a string" => "a string in quotes".into(),
+        "a boolean" => "true or false".into(),
+        "usize" | "u64" | "u32" | "u16" | "u8" | "u128" => "a whole number, 0 or more".into(),
+        "isize" | "i64" | "i32" | "i16" | "i8" | "i128" => "a whole number".into(),
+        "f64" | "f32" => "a number".into(),
+        "a sequence" => "a list".into(),
+        "a map" => "a table".into(),
+        other => other.replace('`', "\""),
+    }
+}
+
+/// What was found instead, as written in the file.
+fn actual_terms(actual: &figment::error::Actual) -> String {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(b) => b.to_string(),
+        Actual::Unsigned(n) => n.to_string(),
+        Actual::Signed(n) => n.to_string(),
+        Actual::Float(f) => f.to_string(),
+        Actual::Char(c) => format!("\"{c}\""),
+        Actual::Str(s) => format!("\"{s}\""),
+        Actual::Seq => "a list".into(),
+        Actual::Map => "a table".into(),
+        other => other.to_string().replace('`', "\""),
+    }
+}
+
+/// Most edits that still make a near miss worth a "did you mean".
+const NEAR_MISS_EDITS: usize = 2;
+
+/// The candidate closest to `word` within [`NEAR_MISS_EDITS`] edits
+/// (a swap of two letters counts as one), if any.
+fn nearest<'c>(word: &str, candidates: impl IntoIterator<Item = &'c str>) -> Option<&'c str> {
+    let word = word.to_ascii_lowercase();
+    candidates
+        .into_iter()
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(&word, &c.to_ascii_lowercase()),
+                c,
+            )
+        })
+        .filter(|(d, _)| *d <= NEAR_MISS_EDITS)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
 }
 
 #[cfg(test)]
@@ -949,6 +1217,166 @@ password = "p"
         );
         assert!(m.contains("invalid basic string"), "{m}");
         assert!(!m.contains("Secret-Val"), "{m}");
+    }
+
+    fn problems(s: &str) -> Vec<String> {
+        load_str(s)
+            .unwrap_err()
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.key, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_one_problem_in_the_users_terms() {
+        let s = base().replace("client_id = \"id\"", "client_id = 12345");
+        assert_eq!(
+            problems(&s),
+            ["oauth.client_id: must be a string in quotes, not 12345"]
+        );
+        let s = base().replace(
+            "token_url = \"https://auth.example.test/oauth/token\"",
+            "token_url = 3",
+        );
+        assert_eq!(
+            problems(&s),
+            ["oauth.token_url: must be a string in quotes, not 3"]
+        );
+        for (extra, expected) in [
+            (
+                "[proxy]\nretry_body_limit = \"big\"",
+                "proxy.retry_body_limit: must be a whole number, 0 or more, not \"big\"",
+            ),
+            (
+                "[proxy]\nforwarded_headers = \"yes\"",
+                "proxy.forwarded_headers: must be true or false, not \"yes\"",
+            ),
+            (
+                "[proxy]\nallow_paths = \"/x\"",
+                "proxy.allow_paths: must be a list, not \"/x\"",
+            ),
+            (
+                "[oauth]\nclient_auth = \"basic_rfc\"",
+                "oauth.client_auth: \"basic_rfc\" is not one of \"basic\", \"basic-rfc\", \"body\": did you mean \"basic-rfc\"?",
+            ),
+            (
+                "[log]\nformat = \"jsn\"",
+                "log.format: \"jsn\" is not one of \"auto\", \"json\", \"text\": did you mean \"json\"?",
+            ),
+            (
+                "[proxy]\nlisten = 7080",
+                "proxy.listen: must be an address in quotes (\"127.0.0.1:7080\") or a list of them",
+            ),
+        ] {
+            let fig = Figment::new()
+                .merge(Toml::string(&base()))
+                .merge(Toml::string(extra));
+            let e = load_figment(fig).unwrap_err();
+            let got: Vec<String> = e
+                .problems
+                .iter()
+                .map(|p| format!("{}: {}", p.key, p.message))
+                .collect();
+            assert_eq!(got, [expected], "{extra}");
+            assert!(!got[0].contains('`'), "{got:?}");
+            for rust in ["usize", "sequence", "map", "OneOrMany", "enum"] {
+                assert!(!got[0].contains(rust), "{got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn near_miss_keys_and_sections_get_a_suggestion() {
+        let s = base().replace(
+            "upstream = \"https://api.example.test/base\"",
+            "upstream = \"https://api.example.test/base\"\nrequest_timout = \"3s\"\ntoken_url = \"x\"",
+        ) + "\n[logs]\nlevel = \"debug\"\n";
+        let mut got = problems(&s);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                "logs: unknown section: did you mean [log]?",
+                "proxy.request_timout: unknown key: did you mean proxy.request_timeout?",
+                "proxy.token_url: unknown key: did you mean oauth.token_url?",
+            ]
+        );
+        let s = base() + "\n[nothing_like_it]\nx = 1\n";
+        assert_eq!(problems(&s), ["nothing_like_it: unknown section"]);
+    }
+
+    #[test]
+    fn unread_variables_get_a_warning_with_the_form_they_meant() {
+        let names: Vec<String> = [
+            "TOKEN_SIDECAR_OAUTH_PASSWORD",
+            "TOKEN_SIDECAR_OAUTH_CLIENT_SECRET_FILE",
+            "TOKEN_SIDECAR_OAUTH_PASWORD",
+            "TOKEN_SIDECAR_WHATEVER",
+            "TOKEN_SIDECAR_OAUTH__PASSWORD",
+            "TOKEN_SIDECAR_CONFIG",
+            "TOKEN_SIDECAR_SERVICE_HOST",
+            "TOKEN_SIDECAR_SERVICE_PORT",
+            "TOKEN_SIDECAR_SERVICE_PORT_HTTP",
+            "TOKEN_SIDECAR_PORT",
+            "TOKEN_SIDECAR_PORT_7080_TCP_ADDR",
+            "OTHER_OAUTH_PASSWORD",
+        ]
+        .map(String::from)
+        .to_vec();
+        let keys = ["oauth.password", "oauth.client_secret_file", "log.level"];
+        assert_eq!(
+            unread_variables(&names, &keys),
+            [
+                "environment variable TOKEN_SIDECAR_OAUTH_PASSWORD is not read: did you mean TOKEN_SIDECAR_OAUTH__PASSWORD? (two underscores between the parts of a setting)",
+                "environment variable TOKEN_SIDECAR_OAUTH_CLIENT_SECRET_FILE is not read: did you mean TOKEN_SIDECAR_OAUTH__CLIENT_SECRET_FILE? (two underscores between the parts of a setting)",
+                "environment variable TOKEN_SIDECAR_OAUTH_PASWORD is not read: did you mean TOKEN_SIDECAR_OAUTH__PASSWORD? (two underscores between the parts of a setting)",
+                "environment variable TOKEN_SIDECAR_WHATEVER is not read: settings are TOKEN_SIDECAR_<SECTION>__<KEY>, e.g. TOKEN_SIDECAR_OAUTH__PASSWORD",
+            ]
+        );
+        // A key with a name of the user's choosing: the three-part form.
+        let keys = ["credentials.*.password", "oauth.password"];
+        let names = ["TOKEN_SIDECAR_CREDENTIALS_BILLING_EU_PASSWORD".to_string()];
+        let w = unread_variables(&names, &keys);
+        assert!(
+            w[0].contains("did you mean TOKEN_SIDECAR_CREDENTIALS__BILLING_EU__PASSWORD?"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn warnings_about_variables_come_with_the_problems_too() {
+        let s = base().replace("password = \"p\"", "");
+        let e = load_with_env(
+            Figment::new().merge(Toml::string(&s)),
+            &["TOKEN_SIDECAR_OAUTH_PASSWORD".to_string()],
+        )
+        .unwrap_err();
+        assert_eq!(e.problems.len(), 1);
+        assert!(
+            e.warnings
+                .iter()
+                .any(|w| w.contains("did you mean TOKEN_SIDECAR_OAUTH__PASSWORD?")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn an_empty_secret_file_is_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "\n").unwrap();
+        let s = base().replace(
+            "password = \"p\"",
+            &format!("password_file = {:?}", path.to_str().unwrap()),
+        );
+        assert_eq!(
+            problems(&s),
+            [format!(
+                "oauth.password_file: secret file {} is empty",
+                path.display()
+            )]
+        );
     }
 
     #[test]

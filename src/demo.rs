@@ -1,6 +1,7 @@
 //! `token-sidecar demo`: the whole sidecar against the built-in stand-ins
 //! of [`crate::fake`], on loopback, with short-lived tokens so a refresh shows
-//! within a minute. Needs no outside server.
+//! within a minute. Needs no outside server, and takes no config file: it
+//! writes its own (the binary refuses `demo --config`).
 
 use std::net::SocketAddr;
 
@@ -71,7 +72,7 @@ params_in = "query"
     println!(
         "\ntoken-sidecar demo: stand-in token endpoint {} and backoffice API {} on loopback;\n\
          tokens live {DEMO_TOKEN_LIFETIME_SECS} s, so a refresh shows in the log within a minute.\n\n\
-         Try:\n  curl -s http://{proxy}/backoffice/api/merchants?limit=5\n  curl -s http://{admin}/status\n\n\
+         Try:\n  curl -s 'http://{proxy}/backoffice/api/merchants?limit=5'\n  curl -s 'http://{admin}/status'\n\n\
          (also http://{admin}/metrics and /readyz). Ctrl-C or SIGTERM stops.\n",
         auth.url("/paymentiq/oauth/token"),
         api.url("/paymentiq/"),

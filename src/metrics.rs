@@ -99,6 +99,8 @@ pub struct Metrics {
     proxy_duration: HistogramVec,
     upstream_retries_401: IntCounter,
     inflight: IntGauge,
+    secret_file_errors: IntCounterVec,
+    refresher_restarts: IntCounter,
 }
 
 impl Metrics {
@@ -188,6 +190,19 @@ impl Metrics {
             "Proxied requests in progress.",
         )
         .expect("static metric definition is valid");
+        let secret_file_errors = IntCounterVec::new(
+            Opts::new(
+                "token_sidecar_secret_file_errors_total",
+                "Re-reads of a secret file that found it unreadable or empty (the last good value was used), by config key.",
+            ),
+            &["key"],
+        )
+        .expect("static metric definition is valid");
+        let refresher_restarts = IntCounter::new(
+            "token_sidecar_refresher_restarts_total",
+            "Restarts of the token refresh task after it panicked.",
+        )
+        .expect("static metric definition is valid");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "token_sidecar_build_info",
@@ -212,6 +227,8 @@ impl Metrics {
             Box::new(proxy_duration.clone()),
             Box::new(retries),
             Box::new(inflight.clone()),
+            Box::new(secret_file_errors.clone()),
+            Box::new(refresher_restarts.clone()),
             Box::new(build_info),
         ] {
             registry.register(c).expect("metric names are unique");
@@ -237,7 +254,19 @@ impl Metrics {
             proxy_duration,
             upstream_retries_401,
             inflight,
+            secret_file_errors,
+            refresher_restarts,
         }
+    }
+
+    /// The error counter of the secret file named by config key `key`
+    /// (touching it shows the series at 0).
+    pub fn secret_file_errors(&self, key: &str) -> IntCounter {
+        self.secret_file_errors.with_label_values(&[key])
+    }
+
+    pub fn refresher_restarted(&self) {
+        self.refresher_restarts.inc();
     }
 
     pub fn token_request(&self, grant: GrantKind, outcome: Outcome, took: Duration) {

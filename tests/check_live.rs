@@ -227,3 +227,66 @@ async fn a_secret_written_inline_in_the_file_triggers_a_warning() {
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(!err.contains("written inline"), "{err}");
 }
+
+/// Runs `check --live` against a token endpoint that answers `status` with `body`.
+async fn live_with_answer(status: u16, body: serde_json::Value) -> (Option<i32>, String) {
+    let (world, auth) = fake_auth().await;
+    world.with(|w| w.script.push_back(Scripted::json(status, body)));
+    let (code, out, err) = run(
+        config(&world, &auth.url("/oauth/token")),
+        &["check", "--live"],
+        |_| {},
+    )
+    .await;
+    (code, format!("{out}{err}"))
+}
+
+#[tokio::test]
+async fn a_registered_error_code_is_shown_with_its_hint() {
+    let (code, out) = live_with_answer(
+        400,
+        serde_json::json!({"error": "unsupported_grant_type", "error_description": "Unsupported grant type: None"}),
+    )
+    .await;
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains(
+            "live check failed: unsupported_grant_type (token endpoint answered 400 \
+             unsupported_grant_type: Unsupported grant type: None): \
+             the server does not allow this grant for this client"
+        ),
+        "{out}"
+    );
+    let (code, out) =
+        live_with_answer(503, serde_json::json!({"error": "temporarily_unavailable"})).await;
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains("live check failed: temporarily_unavailable (token endpoint answered 503 temporarily_unavailable)"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_spring_401_for_a_wrong_client_secret_gets_the_client_hint() {
+    for body in [
+        serde_json::json!({"error": "unauthorized", "error_description": "Full authentication is required to access this resource"}),
+        serde_json::json!({"timestamp": "2024-05-01T12:00:00.000+00:00", "status": 401, "error": "Unauthorized", "path": "/oauth/token"}),
+    ] {
+        let (code, out) = live_with_answer(401, body.clone()).await;
+        assert_eq!(code, Some(3), "{out}");
+        let shown = body["error"].as_str().unwrap();
+        assert!(
+            out.contains(&format!(
+                "live check failed: {shown} (token endpoint answered 401 {shown}"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(
+                "the client id or client secret is wrong (oauth.client_id, oauth.client_secret, \
+                 oauth.client_auth), or the client may not use this grant"
+            ),
+            "{out}"
+        );
+    }
+}

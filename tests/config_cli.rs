@@ -321,6 +321,121 @@ fn variables_kubernetes_injects_for_a_service_named_token_sidecar_are_ignored() 
         ],
     );
     assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        !out.stderr.contains("warning: environment variable"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_variable_with_one_underscore_gets_a_warning_naming_the_form_it_meant() {
+    let without_password = VALID.replace("password = \"Sekr1t-pass\"\n", "");
+    let (out, _dir) = check_toml(
+        &without_password,
+        &[("TOKEN_SIDECAR_OAUTH_PASSWORD", "Sekr1t-env")],
+    );
+    // The key it did not set is still missing; the warning says why.
+    assert_problems(
+        &out,
+        &[
+            "warning: environment variable TOKEN_SIDECAR_OAUTH_PASSWORD is not read: \
+             did you mean TOKEN_SIDECAR_OAUTH__PASSWORD? (two underscores between the parts of a setting)\n",
+            "oauth.password (not set): set oauth.password or oauth.password_file",
+        ],
+    );
+    // Beside a valid config, a warning only; one line for each variable.
+    let (out, _dir) = check_toml(
+        VALID,
+        &[
+            ("TOKEN_SIDECAR_PROXY_REQUEST_TIMEOUT", "5s"),
+            ("TOKEN_SIDECAR_NONSENSE", "x"),
+        ],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains(
+            "warning: environment variable TOKEN_SIDECAR_PROXY_REQUEST_TIMEOUT is not read: \
+             did you mean TOKEN_SIDECAR_PROXY__REQUEST_TIMEOUT?"
+        ),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains(
+            "warning: environment variable TOKEN_SIDECAR_NONSENSE is not read: \
+             settings are TOKEN_SIDECAR_<SECTION>__<KEY>, e.g. TOKEN_SIDECAR_OAUTH__PASSWORD\n"
+        ),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.stderr.matches("warning: environment variable").count(),
+        2,
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_one_problem_in_the_files_terms() {
+    let (out, _dir) = check_toml(
+        &VALID.replace("client_id = \"client\"", "client_id = 12345"),
+        &[],
+    );
+    assert_problems(
+        &out,
+        &[
+            "1 configuration problem:",
+            "oauth.client_id (sidecar.toml): must be a string in quotes, not 12345\n",
+        ],
+    );
+    assert!(!out.stderr.contains("not set"), "{out:?}");
+    let (out, _dir) = check_toml(&format!("{VALID}[runtime]\nworker_threads = -2\n"), &[]);
+    assert_problems(
+        &out,
+        &["runtime.worker_threads (sidecar.toml): must be a whole number, 0 or more, not -2\n"],
+    );
+    assert!(!out.stderr.contains("usize"), "{out:?}");
+}
+
+#[test]
+fn a_near_miss_key_or_section_gets_a_did_you_mean() {
+    let toml = VALID.replace("request_timeout = \"30s\"", "request_timout = \"30s\"")
+        + "[logs]\nlevel = \"debug\"\n";
+    let (out, _dir) = check_toml(&toml, &[]);
+    assert_problems(
+        &out,
+        &[
+            "2 configuration problems:",
+            "proxy.request_timout (sidecar.toml): unknown key: did you mean proxy.request_timeout?\n",
+            "logs (sidecar.toml): unknown section: did you mean [log]?\n",
+        ],
+    );
+    let (out, _dir) = check_toml(VALID, &[("TOKEN_SIDECAR_OAUTH__PASWORD", "x")]);
+    assert_problems(
+        &out,
+        &[
+            "oauth.pasword (environment variable TOKEN_SIDECAR_OAUTH__PASWORD): unknown key: \
+           did you mean TOKEN_SIDECAR_OAUTH__PASSWORD?\n",
+        ],
+    );
+}
+
+#[test]
+fn an_empty_secret_file_is_a_config_error() {
+    let dir = TempDir::new().unwrap();
+    // Empty once its one trailing newline is trimmed.
+    let pw = write(dir.path(), "password", "\n");
+    let toml = VALID.replace(
+        "password = \"Sekr1t-pass\"",
+        &format!("password_file = {:?}", pw.to_str().unwrap()),
+    );
+    let cfg = write(dir.path(), "sidecar.toml", &toml);
+    let out = check(dir.path(), &["--config", cfg.to_str().unwrap()], &[]);
+    assert_problems(
+        &out,
+        &[&format!(
+            "oauth.password_file (sidecar.toml): secret file {} is empty\n",
+            pw.display()
+        )],
+    );
 }
 
 #[test]

@@ -5,6 +5,8 @@
 //!
 //! Defaults come from the real config loader, so these tests follow them.
 
+#[path = "support/logs.rs"]
+mod logs;
 mod support;
 
 use std::collections::VecDeque;
@@ -17,12 +19,14 @@ use secrecy::{ExposeSecret, SecretString};
 use token_sidecar::config::RefreshConfig;
 use token_sidecar::fake::World;
 use token_sidecar::metrics::Metrics;
-use token_sidecar::secret::SecretSource;
-use token_sidecar::token::client::{Grant, TokenEndpoint, TokenResponse};
+use token_sidecar::secret::{LiveSecret, SecretSource};
+use token_sidecar::token::client::{Credentials, Grant, TokenEndpoint, TokenResponse};
 use token_sidecar::token::refresher::{self, Settings};
 use token_sidecar::token::{GrantKind, Outcome, TokenError, TokenHandle};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+
+use logs::LogBuffer;
 
 const S: fn(u64) -> Duration = Duration::from_secs;
 const MS: fn(u64) -> Duration = Duration::from_millis;
@@ -41,6 +45,10 @@ enum Answer {
     Rejected(u16, &'static str),
     /// Never answers (the refresher's timeout must end the call).
     Hang,
+    /// Panics in the refresh task (the test-only way to inject one).
+    Panic,
+    /// A new token, answered only after this long.
+    Late(Duration),
 }
 
 /// One grant as the endpoint saw it.
@@ -66,9 +74,8 @@ struct ServerState {
     script: VecDeque<Answer>,
     /// While set, every call gets this (an outage).
     down: Option<Answer>,
-    /// The password file the endpoint reads on every password grant (as the
-    /// HTTP client does) and the password the server accepts.
-    password: Option<(SecretSource, &'static str)>,
+    /// The password the server accepts, when it checks passwords.
+    password: Option<&'static str>,
     issued: u64,
     /// The last access token issued, its expiry, its refresh token.
     last: Option<(String, Instant, Option<String>)>,
@@ -117,6 +124,7 @@ impl Endpoint {
     fn answer(
         &self,
         grant: &Grant,
+        credentials: &Credentials,
         timeout: Duration,
     ) -> Option<Result<TokenResponse, TokenError>> {
         let at = self.since_start();
@@ -127,14 +135,9 @@ impl Endpoint {
             .clone()
             .or_else(|| s.script.pop_front())
             .unwrap_or(Answer::Issue);
-        if let (Grant::Password, Some((source, expected))) = (grant, &s.password) {
-            match source.load() {
-                Ok(p) if p.expose_secret() == *expected => {}
-                Ok(_) => answer = Answer::Rejected(400, "invalid_grant"),
-                Err(e) => {
-                    s.calls.push(call(at, grant, timeout, false));
-                    return Some(Err(TokenError::SecretFile(e)));
-                }
+        if let (Grant::Password, Some(expected)) = (grant, s.password) {
+            if credentials.password.expose_secret() != expected {
+                answer = Answer::Rejected(400, "invalid_grant");
             }
         }
         let live = s.last.as_ref().is_some_and(|(_, exp, _)| *exp > now);
@@ -146,7 +149,13 @@ impl Endpoint {
             answer = Answer::Same;
         }
         let result = match answer {
+            Answer::Panic => {
+                s.calls.push(call(at, grant, timeout, false));
+                drop(s); // not poisoned: later calls still answer
+                panic!("injected panic in the token task");
+            }
             Answer::Hang => None,
+            Answer::Late(_) => unreachable!("turned into Issue by request()"),
             Answer::Status(status) => Some(Err(TokenError::Status { status })),
             Answer::Rejected(status, code) => Some(Err(TokenError::Rejected {
                 status,
@@ -202,10 +211,21 @@ impl TokenEndpoint for Endpoint {
     fn request(
         &self,
         grant: &Grant,
+        credentials: &Credentials,
         timeout: Duration,
     ) -> impl Future<Output = Result<TokenResponse, TokenError>> + Send {
-        let answer = self.answer(grant, timeout);
+        let late = self.with(|s| match s.script.front() {
+            Some(Answer::Late(d)) => Some(*d),
+            _ => None,
+        });
+        if late.is_some() {
+            self.with(|s| s.script[0] = Answer::Issue);
+        }
+        let answer = self.answer(grant, credentials, timeout);
         async move {
+            if let Some(d) = late {
+                tokio::time::sleep(d).await;
+            }
             match answer {
                 Some(result) => result,
                 None => std::future::pending().await,
@@ -220,11 +240,16 @@ fn defaults() -> RefreshConfig {
     support::config_for(&world, "http://127.0.0.1:9/t", "http://127.0.0.1:9/", "").refresh
 }
 
+fn inline(value: &str) -> SecretSource {
+    SecretSource::Inline(SecretString::from(value.to_owned()))
+}
+
 fn settings() -> Settings {
     Settings {
         refresh: defaults(),
         oauth_timeout: S(10),
-        secrets: Vec::new(),
+        client_secret: LiveSecret::new("oauth.client_secret", inline("client-secret")),
+        password: LiveSecret::new("oauth.password", inline("password")),
     }
 }
 
@@ -237,8 +262,8 @@ struct Sidecar {
 impl Drop for Sidecar {
     fn drop(&mut self) {
         assert!(
-            std::thread::panicking() || !self.task.is_finished(),
-            "the refresh loop must never exit"
+            std::thread::panicking() || !self.task.is_finished() || !self.token.refresher_running(),
+            "the refresh loop must never exit without saying so"
         );
         self.task.abort();
     }
@@ -666,9 +691,9 @@ async fn refused_login_retries_slowly_and_at_once_when_the_secret_file_changes()
     let dir = tempfile::tempdir().unwrap();
     let source = secret_volume(dir.path(), "old-password");
     let endpoint = Endpoint::new(S(3600));
-    endpoint.with(|s| s.password = Some((source.clone(), "new-password")));
+    endpoint.with(|s| s.password = Some("new-password"));
     let mut settings = settings();
-    settings.secrets = vec![source];
+    settings.password = LiveSecret::new("oauth.password_file", source);
     let sidecar = start(&endpoint, settings, half);
 
     // Refused at once; no token, and clients are told to come back much later.
@@ -693,6 +718,10 @@ async fn refused_login_retries_slowly_and_at_once_when_the_secret_file_changes()
     generation(&sidecar, 1, S(3)).await;
     let last = endpoint.calls().last().unwrap().clone();
     assert!(last.ok && last.at <= S(302), "{last:?}");
+    assert_eq!(
+        sidecar.token.status().reason,
+        Some(token_sidecar::token::Reason::SecretChanged)
+    );
     let m = sidecar.metrics.render(true);
     assert!(
         m.contains("token_sidecar_token_requests_total{grant=\"password\",outcome=\"rejected\"} 3"),
@@ -878,4 +907,339 @@ async fn the_loop_survives_every_kind_of_failure() {
         assert!(calls[i].at - calls[i - 1].at >= defaults().rejected_backoff_min);
     }
     // Sidecar's Drop asserts the task is still running.
+}
+
+// ---------------------------------------------------------------- no token: retry sooner
+
+fn almost_one() -> f64 {
+    0.999
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_token_retries_come_at_most_backoff_max_without_token_apart() {
+    let logs = LogBuffer::capture();
+    let cfg = defaults();
+    assert_eq!(
+        cfg.backoff_max_without_token,
+        S(5),
+        "the documented default"
+    );
+    // 10 s tokens: refresh planned near 5 s, usable until 9 s. The endpoint
+    // answers 503 from 4 s to 60 s; jitter near 1 is the slowest schedule.
+    let endpoint = Endpoint::new(S(10));
+    let sidecar = start(&endpoint, settings(), almost_one);
+    generation(&sidecar, 1, S(1)).await;
+    at(&endpoint, S(4)).await;
+    endpoint.with(|s| s.down = Some(Answer::Status(503)));
+    at(&endpoint, S(60)).await;
+    endpoint.with(|s| s.down = None);
+    generation(&sidecar, 2, S(10)).await;
+
+    let calls = endpoint.calls();
+    assert_paced(&calls, cfg.min_interval);
+    let recovered = calls.iter().find(|c| c.ok && c.at > S(4)).unwrap().at;
+    // Once the token is unusable (9 s), no two attempts are further apart
+    // than backoff_max_without_token: with backoff_max (60 s) the 7th
+    // failure in a row would wait 59.9 s.
+    let failed_after: Vec<Duration> = calls
+        .iter()
+        .filter(|c| c.at >= S(9))
+        .map(|c| c.at)
+        .collect();
+    assert!(failed_after.len() >= 10, "{calls:?}");
+    for w in failed_after.windows(2) {
+        assert!(w[1] - w[0] <= S(5), "{w:?} in {calls:?}");
+    }
+    // So traffic resumes at most 5 s after the endpoint is back.
+    assert!(recovered >= S(60) && recovered <= S(65), "{recovered:?}");
+
+    // One line marks the moment the token became unusable, with the last
+    // failure; one the moment a token is usable again, with the outage.
+    let lines = logs.lines();
+    let unusable: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("token unusable"))
+        })
+        .collect();
+    assert_eq!(unusable.len(), 1, "{lines:?}");
+    let u = unusable[0];
+    assert_eq!(u["level"], "WARN");
+    assert_eq!(u["error"], "http_status");
+    assert_eq!(u["cause"], "server_trouble");
+    assert_eq!(u["generation"], 1);
+    let failed_at = u["last_failure_at"].as_str().unwrap();
+    assert!(humantime::parse_rfc3339(failed_at).is_ok(), "{failed_at}");
+    let again: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "token usable again")
+        .collect();
+    assert_eq!(again.len(), 1, "{lines:?}");
+    assert_eq!(again[0]["level"], "INFO");
+    assert_eq!(
+        again[0]["outage_ms"].as_u64(),
+        Some((recovered - S(9)).as_millis() as u64)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_token_a_refused_login_keeps_its_slow_backoff() {
+    // 10 s tokens, refresh at 4.75 s; from 4 s every grant is refused.
+    let endpoint = Endpoint::new(S(10));
+    let sidecar = start(&endpoint, settings(), half);
+    generation(&sidecar, 1, S(1)).await;
+    at(&endpoint, S(4)).await;
+    endpoint.with(|s| s.down = Some(Answer::Rejected(400, "invalid_grant")));
+    at(&endpoint, S(200)).await;
+    let calls = endpoint.calls();
+    let times: Vec<_> = calls.iter().map(|c| (c.at, c.grant)).collect();
+    // The refused refresh token, the password grant at once, then 90 s
+    // later (1-2 min with jitter 0.5), not backoff_max_without_token.
+    assert_eq!(
+        times,
+        [
+            (S(0), GrantKind::Password),
+            (MS(4750), GrantKind::RefreshToken),
+            (MS(4750), GrantKind::Password),
+            (MS(94_750), GrantKind::Password),
+        ]
+    );
+    assert!(sidecar.token.usable().is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_registered_transient_code_is_retried_soon_even_with_a_400() {
+    // RFC 6749's temporarily_unavailable in a 400 on the password grant.
+    let endpoint = Endpoint::new(S(100));
+    endpoint.with(|s| s.script = [Answer::Rejected(400, "temporarily_unavailable")].into());
+    let sidecar = start(&endpoint, settings(), half);
+    generation(&sidecar, 1, S(5)).await;
+    let calls = endpoint.calls();
+    assert_eq!(calls[1].at, S(1), "min_interval, not rejected_backoff_min");
+}
+
+// ---------------------------------------------------------------- why a grant
+
+#[tokio::test(start_paused = true)]
+async fn every_grant_says_why_it_was_made() {
+    use token_sidecar::token::Reason;
+    let logs = LogBuffer::capture();
+    let endpoint = Endpoint::new(S(100));
+    let sidecar = start(&endpoint, settings(), half);
+    let reason = |sidecar: &Sidecar| {
+        let s = sidecar.token.status();
+        (s.generation, s.reason, s.last_reason)
+    };
+    generation(&sidecar, 1, S(1)).await;
+    assert_eq!(
+        reason(&sidecar),
+        (1, Some(Reason::Startup), Some(Reason::Startup))
+    );
+    generation(&sidecar, 2, S(100)).await; // 67.5 s
+    assert_eq!(reason(&sidecar).1, Some(Reason::Scheduled));
+
+    at(&endpoint, S(70)).await;
+    sidecar.token.invalidate(2);
+    generation(&sidecar, 3, S(2)).await;
+    assert_eq!(reason(&sidecar).1, Some(Reason::Upstream401));
+
+    at(&endpoint, S(80)).await;
+    sidecar.token.refresh_now().await.unwrap();
+    assert_eq!(
+        reason(&sidecar),
+        (4, Some(Reason::Admin), Some(Reason::Admin))
+    );
+
+    // The scheduled refresh (147.5 s) fails; the retry 1 s later works.
+    endpoint.with(|s| s.script = [Answer::Status(503)].into());
+    at(&endpoint, MS(148_000)).await;
+    assert_eq!(
+        reason(&sidecar),
+        (4, Some(Reason::Admin), Some(Reason::Scheduled))
+    );
+    generation(&sidecar, 5, S(2)).await;
+    assert_eq!(
+        reason(&sidecar),
+        (5, Some(Reason::Retry), Some(Reason::Retry))
+    );
+
+    // The next refresh (216 s) is refused: the password grant follows.
+    endpoint.with(|s| s.script = [Answer::Rejected(400, "invalid_grant")].into());
+    generation(&sidecar, 6, S(100)).await;
+    assert_eq!(reason(&sidecar).1, Some(Reason::RefreshRefused));
+
+    let lines = logs.lines();
+    let reasons: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["message"] == "token obtained" || l["message"] == "token refreshed")
+        .map(|l| l["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "startup",
+            "scheduled",
+            "upstream_401",
+            "admin",
+            "retry",
+            "refresh_refused"
+        ]
+    );
+}
+
+// ---------------------------------------------------------------- secret files at run time
+
+#[tokio::test(start_paused = true)]
+async fn a_secret_file_found_empty_keeps_its_last_good_value_and_is_counted() {
+    let logs = LogBuffer::capture();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("password");
+    std::fs::write(&path, "pw-1\n").unwrap();
+    let endpoint = Endpoint::new(S(100));
+    endpoint.with(|s| s.password = Some("pw-1"));
+    let mut settings = settings();
+    settings.password = LiveSecret::new("oauth.password_file", SecretSource::File(path.clone()));
+    let sidecar = start(&endpoint, settings, half);
+    generation(&sidecar, 1, S(1)).await;
+    let series = "token_sidecar_secret_file_errors_total{key=\"oauth.password_file\"}";
+    assert_eq!(
+        support::metric(&sidecar.metrics.render(true), series),
+        Some(0.0)
+    );
+
+    // Emptied (a half-written update): the next two logins still send pw-1.
+    std::fs::write(&path, "").unwrap();
+    for (t, g) in [(10, 2), (20, 3)] {
+        at(&endpoint, S(t)).await;
+        sidecar.token.invalidate(g - 1);
+        generation(&sidecar, g, S(2)).await;
+        assert_eq!(endpoint.calls().last().unwrap().grant, GrantKind::Password);
+    }
+    assert_eq!(
+        support::metric(&sidecar.metrics.render(true), series),
+        Some(2.0)
+    );
+    std::fs::write(&path, "pw-1\n").unwrap();
+    at(&endpoint, S(30)).await;
+    sidecar.token.invalidate(3);
+    generation(&sidecar, 4, S(2)).await;
+    assert_eq!(
+        support::metric(&sidecar.metrics.render(true), series),
+        Some(2.0)
+    );
+
+    let lines = logs.lines();
+    let errors: Vec<_> = lines
+        .iter()
+        .filter(|l| {
+            l["message"] == "secret file cannot be used; the last good value is sent instead"
+        })
+        .collect();
+    assert_eq!(errors.len(), 1, "logged once, counted each time: {lines:?}");
+    assert_eq!(errors[0]["level"], "ERROR");
+    assert_eq!(errors[0]["key"], "oauth.password_file");
+    assert_eq!(
+        errors[0]["problem"],
+        format!("secret file {} is empty", path.display())
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l["message"] == "secret file usable again"));
+    assert!(!logs.text().contains("pw-1"));
+}
+
+// ---------------------------------------------------------------- supervision
+
+fn restarts(sidecar: &Sidecar) -> Option<f64> {
+    support::metric(
+        &sidecar.metrics.render(true),
+        "token_sidecar_refresher_restarts_total",
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_token_task_is_restarted_with_backoff_and_counted() {
+    let logs = LogBuffer::capture();
+    let endpoint = Endpoint::new(S(100));
+    endpoint.with(|s| s.script = [Answer::Panic].into());
+    let sidecar = start(&endpoint, settings(), half);
+    generation(&sidecar, 1, S(5)).await;
+    let calls = endpoint.calls();
+    assert_eq!((calls[0].at, calls[0].ok), (S(0), false));
+    // Restarted min_interval later (the backoff's floor), and logged in.
+    assert_eq!((calls[1].at, calls[1].ok), (S(1), true));
+    assert_eq!(restarts(&sidecar), Some(1.0));
+    assert!(sidecar.token.refresher_running());
+    let lines = logs.lines();
+    let line = lines
+        .iter()
+        .find(|l| l["message"] == "the token refresh task panicked; restarting it")
+        .expect("an error line for the panic");
+    assert_eq!(line["level"], "ERROR");
+    assert_eq!(line["panic"], "injected panic in the token task");
+    assert_eq!(line["restarts_in_a_row"], 1);
+    assert_eq!(line["restart_in_ms"], 1000);
+
+    // A panic during a refresh: the held token stays in use, the restarted
+    // task logs in again and the generation count goes on.
+    endpoint.with(|s| s.script = [Answer::Panic].into());
+    at(&endpoint, MS(68_499)).await; // refresh at 68.5 s (1 s + 67.5 s)
+    assert_eq!(sidecar.token.usable().map(|(g, _)| g), Some(1));
+    generation(&sidecar, 2, S(5)).await;
+    let calls = endpoint.calls();
+    assert_eq!(calls[2].at, MS(68_500));
+    assert_eq!(
+        (calls[3].at, calls[3].grant),
+        (MS(69_500), GrantKind::Password)
+    );
+    assert_eq!(restarts(&sidecar), Some(2.0));
+    // The admin door works with the restarted task too.
+    let report = sidecar.token.refresh_now().await.unwrap();
+    assert_eq!(report.generation, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_task_that_cannot_be_kept_running_is_given_up_and_says_so() {
+    let logs = LogBuffer::capture();
+    let endpoint = Endpoint::new(S(100));
+    endpoint.with(|s| s.down = Some(Answer::Panic));
+    let sidecar = start(&endpoint, settings(), almost_one);
+    let mut waited = Duration::ZERO;
+    while sidecar.token.refresher_running() {
+        tokio::time::sleep(MS(100)).await;
+        waited += MS(100);
+        assert!(waited < S(60), "never given up");
+    }
+    // Restarted 5 times (about 1, 2, 4, 8, 16 s apart), then given up.
+    let calls = endpoint.calls();
+    assert_eq!(calls.len(), 6, "{calls:?}");
+    assert!(calls[5].at < S(32), "{calls:?}");
+    assert_eq!(restarts(&sidecar), Some(5.0));
+    assert!(sidecar.task.is_finished());
+    let lines = logs.lines();
+    assert!(lines.iter().any(|l| l["level"] == "ERROR"
+        && l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("the token refresh task cannot be kept running"))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_that_runs_out_during_a_slow_refresh_is_logged_usable_again() {
+    let logs = LogBuffer::capture();
+    // 10 s tokens: refresh at 4.75 s, usable until 9 s, expiry at 10 s. The
+    // refresh is answered 5 s late, at 9.75 s: a 750 ms outage.
+    let endpoint = Endpoint::new(S(10));
+    endpoint.with(|s| s.script = [Answer::Issue, Answer::Late(S(5))].into());
+    let sidecar = start(&endpoint, settings(), half);
+    generation(&sidecar, 2, S(20)).await;
+    assert_eq!(endpoint.calls()[1].at, MS(4750));
+    let lines = logs.lines();
+    let again: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "token usable again")
+        .collect();
+    assert_eq!(again.len(), 1, "{lines:?}");
+    assert_eq!(again[0]["outage_ms"], 750);
 }

@@ -10,7 +10,7 @@ use figment::providers::{Format, Toml};
 use figment::Figment;
 use token_sidecar::metrics::Metrics;
 use token_sidecar::proxy::policy::Policy;
-use token_sidecar::token::client::{Grant, TokenEndpoint, TokenResponse};
+use token_sidecar::token::client::{Credentials, Grant, TokenEndpoint, TokenResponse};
 use token_sidecar::token::{refresher, TokenError};
 
 pub const BASE: &str = "https://api.example.test/paymentiq/";
@@ -23,6 +23,7 @@ impl TokenEndpoint for Silent {
     fn request(
         &self,
         _: &Grant,
+        _: &Credentials,
         _: Duration,
     ) -> impl Future<Output = Result<TokenResponse, TokenError>> + Send {
         std::future::pending()
@@ -56,11 +57,7 @@ password = "p"
     });
     let _enter = rt.enter();
     let metrics = Arc::new(Metrics::new());
-    let settings = refresher::Settings {
-        refresh: config.refresh.clone(),
-        oauth_timeout: config.oauth.timeout,
-        secrets: Vec::new(),
-    };
+    let settings = refresher::Settings::from_config(&config);
     let (token, _task) = refresher::spawn(Silent, settings, metrics.clone(), || 0.5);
     let route = config
         .routes

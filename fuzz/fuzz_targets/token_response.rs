@@ -1,13 +1,16 @@
 //! The token endpoint's answer, whatever the server sends: never a panic,
-//! an accepted token is usable (header-safe, positive lifetime), and no
-//! known secret survives into an error's text.
+//! an accepted token is usable (header-safe, positive lifetime), no known
+//! secret survives into an error's text, and a registered OAuth error code
+//! is shown as sent.
 #![no_main]
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
 use secrecy::ExposeSecret;
+use token_sidecar::secret::OAUTH_ERROR_CODES;
 use token_sidecar::token::client::parse_token_response;
+use token_sidecar::token::TokenError;
 
 /// Secrets the sidecar knows (password, client secret, refresh token) and
 /// passes to the parser for redaction; a server may echo any of them.
@@ -34,6 +37,15 @@ fuzz_target!(|input: (u16, &[u8])| {
             let text = format!("{e} {e:?}");
             for s in KNOWN {
                 assert!(!text.contains(s), "error text leaks {s}: {text}");
+            }
+            // A registered code is shown as the server sent it.
+            let sent = serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|j| j.get("error")?.as_str().map(str::to_owned));
+            if let (Some(sent), TokenError::Rejected { .. }) = (sent, &e) {
+                if OAUTH_ERROR_CODES.contains(&sent.as_str()) {
+                    assert_eq!(e.code(), sent, "{text}");
+                }
             }
         }
     }

@@ -27,11 +27,14 @@
 //!   grant takes over).
 //!
 //! Target for the main run: every request answered 2xx. Then a separate
-//! phase takes the token endpoint down for longer than the token has left:
-//! requests must get 503 `token_unavailable` (never a 401 for an expired
-//! token) and flow again once the endpoint is back. The backoffice counts
-//! 401s for expired tokens apart from revoked ones, and the run fails if it
-//! saw any.
+//! phase takes the token endpoint down for longer than the token has left,
+//! `--outages` times: requests must get 503 `token_unavailable` (never a 401
+//! for an expired token) and flow again once the endpoint is back. The time
+//! from the endpoint's return to the first 2xx is reported per outage
+//! (median and max); with no usable token the sidecar retries at most
+//! `refresh.backoff_max_without_token` apart, so that is its bound. The
+//! sidecar runs with the default backoffs. The backoffice counts 401s for
+//! expired tokens apart from revoked ones, and the run fails if it saw any.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,8 +46,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use figment::providers::{Format, Toml};
-use figment::Figment;
 use token_sidecar::config;
 use token_sidecar::fake::{self, Fault, Scripted, World};
 use token_sidecar::token::schedule;
@@ -67,9 +68,12 @@ struct Args {
     /// A fault every this many token lifetimes.
     #[arg(long, default_value_t = 3)]
     fault_every: u32,
-    /// Length of the outage phase's token endpoint outage, in token lifetimes.
+    /// Length of each token endpoint outage of the outage phase, in token lifetimes.
     #[arg(long, default_value_t = 2.5)]
     outage_lifetimes: f64,
+    /// Number of outages in the outage phase.
+    #[arg(long, default_value_t = 1)]
+    outages: u32,
     /// The token-sidecar binary to run.
     #[arg(long, default_value = "target/release/token-sidecar")]
     sidecar: PathBuf,
@@ -183,8 +187,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let toml = sidecar_config(&world, &auth, &api, &dir, proxy, admin);
     let config_path = dir.join("config.toml");
     std::fs::write(&config_path, &toml)?;
-    // The policy the sidecar plans with, from the very config it runs.
-    let refresh_cfg = config::load_figment(Figment::new().merge(Toml::string(&toml)))
+    // The policy the sidecar plans with, from the very config it runs (the
+    // file and the TOKEN_SIDECAR_* variables it inherits).
+    let refresh_cfg = config::load(&config_path)
         .map_err(|e| anyhow::anyhow!("soak config invalid: {e}"))?
         .config
         .refresh;
@@ -221,6 +226,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             planned,
             band,
             usable,
+            back_bound: refresh_cfg.backoff_max_without_token,
         },
         &log_path,
     )
@@ -256,6 +262,9 @@ struct Plan {
     band: (Duration, Duration),
     /// How long a token is injected, counted from the grant.
     usable: Duration,
+    /// `refresh.backoff_max_without_token`: the most an outage outlives the
+    /// endpoint's return.
+    back_bound: Duration,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -311,19 +320,28 @@ async fn drive(
     let grants_main = grants(world);
     let expired_main = world.with(|w| w.backoffice_401_expired);
 
-    // Outage phase: the token endpoint down for longer than the token lives.
+    // Outage phase: the token endpoint down for longer than the token lives,
+    // `outages` times, each once traffic flowed again after the last.
     phase.store(OUTAGE, Ordering::Release);
     let outage = plan.lifetime.mul_f64(args.outage_lifetimes);
-    let granted = next_grant(world, Instant::now() + 4 * plan.lifetime)
-        .await
-        .context("no token granted before the outage")?;
-    sleep_until(granted + plan.lifetime / 10).await;
-    world.with(|w| w.fault = Some(Fault::Answer(Scripted::json(500, serde_json::json!({})))));
-    sleep_until(granted + plan.lifetime / 10 + outage).await;
-    world.with(|w| w.fault = None);
-    let outage_over = Instant::now();
-    let recovered = wait_grant_after(world, outage_over, outage_over + 5 * plan.lifetime).await;
-    sleep_until(Instant::now() + 2 * plan.lifetime).await;
+    // The sidecar's bound on endpoint back -> retry while no token is held.
+    let back_bound = plan.back_bound;
+    let mut outages_over = Vec::new();
+    let mut all_recovered = true;
+    for _ in 0..args.outages.max(1) {
+        let granted = next_grant(world, Instant::now() + 4 * plan.lifetime)
+            .await
+            .context("no token granted before the outage")?;
+        sleep_until(granted + plan.lifetime / 10).await;
+        world.with(|w| w.fault = Some(Fault::Answer(Scripted::json(500, serde_json::json!({})))));
+        sleep_until(granted + plan.lifetime / 10 + outage).await;
+        world.with(|w| w.fault = None);
+        let over = Instant::now();
+        outages_over.push(over);
+        let recovered = wait_grant_after(world, over, over + back_bound + 5 * plan.lifetime).await;
+        all_recovered &= recovered.is_some();
+        sleep_until(Instant::now() + 2 * plan.lifetime).await;
+    }
     stop.store(true, Ordering::Release);
 
     let mut main = Seen::default();
@@ -336,10 +354,22 @@ async fn drive(
         events.extend(e);
     }
     // Once the token has run out no request succeeds until a new one comes:
-    // the first 2xx after the first refusal marks the recovery.
-    let first_refusal = events.iter().filter(|e| !e.2).map(|e| e.0).min();
-    let first_ok_after =
-        first_refusal.and_then(|f| events.iter().filter(|e| e.2 && e.0 >= f).map(|e| e.1).min());
+    // the first 2xx answered after the endpoint is back marks the recovery.
+    let mut recoveries: Vec<Duration> = outages_over
+        .iter()
+        .filter_map(|&over| {
+            events
+                .iter()
+                .filter(|e| e.2 && e.1 > over)
+                .map(|e| e.1)
+                .min()
+                .map(|t| t - over)
+        })
+        .collect();
+    let unrecovered = outages_over.len() - recoveries.len();
+    recoveries.sort_unstable();
+    let recovery_median = recoveries.get(recoveries.len() / 2).copied();
+    let recovery_max = recoveries.last().copied();
 
     // The sidecar's own view, its memory, its log.
     let metrics = http
@@ -407,7 +437,6 @@ async fn drive(
         .filter(|(k, _)| k.as_str() != "503 token_unavailable")
         .map(|(_, v)| v)
         .sum();
-    let recovery = first_ok_after.map(|t| t.saturating_duration_since(outage_over));
 
     println!(
         "soak: {dur}s main run, token lifetime {lt}s (refreshed at {b0:.2}-{b1:.2}s, injected until {us:.2}s; {lifetimes:.0} lifetimes), {clients} clients; \
@@ -415,7 +444,8 @@ async fn drive(
          main: sent={sent} 2xx={ok} other={other}; \
          grants: password={password} refresh_token={refresh} (main run {grants_main}, bound {bound}), token requests {attempts}; \
          401 replays={replays} (upstream 401s: revoked={revoked} expired={expired}); \
-         outage {outage:.1}s: sent={osent} 2xx={ook} 503_token_unavailable={outage_503} other={oother}, 2xx again {rec} the endpoint came back; \
+         {n_out} outages of {outage:.1}s: sent={osent} 2xx={ook} 503_token_unavailable={outage_503} other={oother}; \
+         endpoint back -> first 2xx: median {rmed} max {rmax} (bound {bound_s:.1}s); \
          peak RSS {rss:.1} MiB; latency p50={p50:.2}ms p99={p99:.2}ms max={max:.1}ms",
         dur = plan.duration.as_secs(),
         lt = plan.lifetime.as_secs_f64(),
@@ -436,7 +466,10 @@ async fn drive(
         osent = out.sent,
         ook = out.ok,
         oother = if outage_bad == 0 { "none".into() } else { out.others() },
-        rec = recovery.map_or("never".into(), |d| format!("{:.2}s after", d.as_secs_f64())),
+        n_out = outages_over.len(),
+        rmed = recovery_median.map_or("never".into(), |d| format!("{:.2}s", d.as_secs_f64())),
+        rmax = recovery_max.map_or("never".into(), |d| format!("{:.2}s", d.as_secs_f64())),
+        bound_s = back_bound.as_secs_f64(),
         rss = peak_rss_kib as f64 / 1024.0,
     );
 
@@ -483,8 +516,19 @@ async fn drive(
             format!("outage: only 503 token_unavailable besides 2xx ({outage_503} of them)"),
         ),
         (
-            recovered.is_some() && recovery.is_some(),
-            "outage: traffic flows again once the endpoint is back, without a restart".to_string(),
+            all_recovered && unrecovered == 0,
+            format!(
+                "outages: traffic flows again once the endpoint is back, without a restart ({} of {})",
+                recoveries.len(),
+                outages_over.len()
+            ),
+        ),
+        (
+            recovery_max.is_some_and(|m| m <= back_bound + Duration::from_millis(500)),
+            format!(
+                "outages: endpoint back -> first 2xx within backoff_max_without_token + 0.5 s ({:.1}s)",
+                back_bound.as_secs_f64()
+            ),
         ),
         (
             exit.success(),
@@ -658,7 +702,6 @@ timeout = "{timeout}ms"
 [refresh]
 min_interval = "100ms"
 backoff_base = "100ms"
-backoff_max = "1s"
 secret_poll_interval = "200ms"
 [log]
 format = "json"

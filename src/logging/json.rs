@@ -131,6 +131,7 @@ impl Visit for Fields<'_> {
 
     fn record_f64(&mut self, field: &Field, value: f64) {
         // serde_json: shortest round-trip form, `null` when not finite.
+        let value = super::fields::round_timing(field.name(), value);
         self.put(field, |w| {
             if value.is_finite() {
                 w.push_str(ryu::Buffer::new().format_finite(value));
@@ -347,6 +348,45 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(a).unwrap();
             assert_eq!(v["timestamp"].as_str().unwrap().len(), TIMESTAMP_LEN);
         }
+    }
+
+    #[test]
+    fn both_formats_write_timings_rounded_to_the_microsecond() {
+        let emit = || {
+            tracing::info!(
+                total_ms = 1.054_355_000_000_000_2f64,
+                upstream_ms = 43.352_402_999_999_995f64,
+                count = 3u64,
+                "request"
+            );
+        };
+        let text = Buf::default();
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt()
+                .fmt_fields(super::super::fields::RoundedFields)
+                .with_ansi(false)
+                .with_writer(text.clone())
+                .finish(),
+            emit,
+        );
+        let line = &text.lines()[0];
+        assert!(
+            line.contains("request total_ms=1.054 upstream_ms=43.352 count=3"),
+            "{line}"
+        );
+        let json = Buf::default();
+        tracing::subscriber::with_default(
+            tracing_subscriber::fmt()
+                .event_format(JsonFormat)
+                .with_writer(json.clone())
+                .finish(),
+            emit,
+        );
+        let line = &json.lines()[0];
+        assert!(
+            line.contains(r#""total_ms":1.054,"upstream_ms":43.352,"count":3"#),
+            "{line}"
+        );
     }
 
     /// Slow and obviously right: count whole years, then whole months.

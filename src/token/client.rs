@@ -11,9 +11,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use url::form_urlencoded;
 
-use super::error::{GrantKind, TokenError};
+use super::error::{ErrorCode, GrantKind, TokenError};
 use crate::config::{ClientAuth, OAuthConfig, ParamsIn};
-use crate::secret::redact_text;
+use crate::secret::{redact_text, SecretFileError};
 
 /// Largest token response read; a larger one is an error, not a buffer.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -34,6 +34,25 @@ impl Grant {
     }
 }
 
+/// The secrets a grant may send, as read just before it (by the token task,
+/// which reads secret files afresh for every attempt; see
+/// [`crate::secret::LiveSecret`]).
+pub struct Credentials {
+    pub client_secret: SecretString,
+    /// Sent only with the password grant.
+    pub password: SecretString,
+}
+
+impl Credentials {
+    /// Both secrets read now, as configured (`check --live`).
+    pub fn load(cfg: &OAuthConfig) -> Result<Self, SecretFileError> {
+        Ok(Credentials {
+            client_secret: cfg.client_secret.load()?,
+            password: cfg.password.load()?,
+        })
+    }
+}
+
 /// A successful token response.
 #[derive(Debug)]
 pub struct TokenResponse {
@@ -46,10 +65,11 @@ pub struct TokenResponse {
 
 /// Something that answers grants: the real HTTP endpoint, or a test's stand-in.
 pub trait TokenEndpoint: Send + Sync + 'static {
-    /// Performs one grant; must give up after `timeout`.
+    /// Performs one grant with `credentials`; must give up after `timeout`.
     fn request(
         &self,
         grant: &Grant,
+        credentials: &Credentials,
         timeout: Duration,
     ) -> impl Future<Output = Result<TokenResponse, TokenError>> + Send;
 }
@@ -103,13 +123,18 @@ impl HttpTokenClient {
         params.finish()
     }
 
-    async fn send(&self, grant: &Grant, timeout: Duration) -> Result<TokenResponse, TokenError> {
-        let secret = self.cfg.client_secret.load()?;
+    async fn send(
+        &self,
+        grant: &Grant,
+        credentials: &Credentials,
+        timeout: Duration,
+    ) -> Result<TokenResponse, TokenError> {
+        let secret = &credentials.client_secret;
         let password = match grant {
-            Grant::Password => Some(self.cfg.password.load()?),
+            Grant::Password => Some(&credentials.password),
             Grant::RefreshToken(_) => None,
         };
-        let params = self.params(grant, password.as_ref(), &secret);
+        let params = self.params(grant, password, secret);
 
         let mut url = self.cfg.token_url.clone();
         let body = match self.cfg.params_in {
@@ -153,7 +178,7 @@ impl HttpTokenClient {
         let body = read_capped(resp, timeout).await?;
         let known: Vec<&str> = [
             Some(secret.expose_secret()),
-            password.as_ref().map(|p| p.expose_secret()),
+            password.map(|p| p.expose_secret()),
         ]
         .into_iter()
         .flatten()
@@ -176,9 +201,10 @@ impl TokenEndpoint for HttpTokenClient {
     fn request(
         &self,
         grant: &Grant,
+        credentials: &Credentials,
         timeout: Duration,
     ) -> impl Future<Output = Result<TokenResponse, TokenError>> + Send {
-        self.send(grant, timeout)
+        self.send(grant, credentials, timeout)
     }
 }
 
@@ -331,13 +357,13 @@ pub fn parse_token_response(
 }
 
 /// The OAuth `error` code of an answer, if it looks like one (short, printable
-/// ASCII). It goes to logs and `/status` like the description, so it is
-/// redacted the same way: a server may put anything there.
-fn error_code(json: &Value, known: &[&str]) -> Option<String> {
+/// ASCII). Kept raw for classification; it is shown redacted like the
+/// description, since a server may put anything there.
+fn error_code(json: &Value, known: &[&str]) -> Option<ErrorCode> {
     json.get("error")
         .and_then(Value::as_str)
         .filter(|c| !c.is_empty() && c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic()))
-        .map(|c| redact_text(c, known))
+        .map(|c| ErrorCode::new(c, known))
 }
 
 /// The `exp` claim of a JWT, read without verifying it: the sidecar only
@@ -457,6 +483,7 @@ mod tests {
                 description,
             } => {
                 assert_eq!((status, code.as_str()), (401, "invalid_token"));
+                assert!(code.is("invalid_token"));
                 assert_eq!(
                     description.as_deref(),
                     Some("Invalid refresh token: [redacted]")
@@ -474,6 +501,28 @@ mod tests {
         )
         .unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn registered_codes_are_classified_and_shown_as_sent() {
+        use crate::token::{ErrorClass, GrantKind};
+        // 23 characters: once redacted before classification, and so
+        // retried as slowly as a refused login.
+        let e = parse(400, r#"{"error":"temporarily_unavailable"}"#).unwrap_err();
+        assert_eq!(e.code(), "temporarily_unavailable");
+        assert_eq!(e.class(GrantKind::Password), ErrorClass::Transient);
+        let e = parse(
+            400,
+            r#"{"error":"unsupported_grant_type","error_description":"Unsupported grant type: None"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "token endpoint answered 400 unsupported_grant_type: Unsupported grant type: None"
+        );
+        // A code that is a known secret is shown redacted, classified raw.
+        let e = parse(400, r#"{"error":"s3cret"}"#).unwrap_err();
+        assert_eq!(e.code(), "[redacted]");
     }
 
     #[test]

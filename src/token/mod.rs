@@ -13,7 +13,7 @@ pub mod error;
 pub mod refresher;
 pub mod schedule;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +22,7 @@ use http::HeaderValue;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
-pub use error::{ErrorClass, GrantKind, Outcome, TokenError};
+pub use error::{Cause, ErrorClass, ErrorCode, GrantKind, Outcome, TokenError};
 
 /// The token as the proxy needs it.
 #[derive(Debug)]
@@ -37,6 +37,52 @@ pub struct Token {
     pub expires_at: SystemTime,
 }
 
+/// Why a token request was made: in the grant's log line and `/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Reason {
+    /// The first request of the token task.
+    #[serde(rename = "startup")]
+    Startup,
+    /// The planned refresh ahead of expiry.
+    #[serde(rename = "scheduled")]
+    Scheduled,
+    /// The upstream rejected the current token.
+    #[serde(rename = "upstream_401")]
+    Upstream401,
+    /// `POST /admin/refresh`.
+    #[serde(rename = "admin")]
+    Admin,
+    /// A secret file changed while logins were refused.
+    #[serde(rename = "secret_changed")]
+    SecretChanged,
+    /// The previous attempt failed.
+    #[serde(rename = "retry")]
+    Retry,
+    /// The password grant right after a refused refresh token.
+    #[serde(rename = "refresh_refused")]
+    RefreshRefused,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Startup => "startup",
+            Reason::Scheduled => "scheduled",
+            Reason::Upstream401 => "upstream_401",
+            Reason::Admin => "admin",
+            Reason::SecretChanged => "secret_changed",
+            Reason::Retry => "retry",
+            Reason::RefreshRefused => "refresh_refused",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What `/status` shows and what the `Retry-After` computation reads.
 /// Metadata only; never a token.
 #[derive(Debug, Clone)]
@@ -44,13 +90,17 @@ pub struct Status {
     pub generation: u64,
     pub obtained_at: Option<SystemTime>,
     pub expires_at: Option<SystemTime>,
-    /// Grant that produced the current token.
+    /// Grant that produced the current token, and why it was asked for.
     pub grant: Option<GrantKind>,
+    pub reason: Option<Reason>,
     pub last_attempt_at: Option<SystemTime>,
     pub last_grant: Option<GrantKind>,
+    pub last_reason: Option<Reason>,
     pub last_outcome: Option<Outcome>,
     /// OAuth `error` or our own code of the last failure, if it failed.
     pub last_error: Option<String>,
+    /// The diagnosis of the last failure, and what to check.
+    pub last_cause: Option<Cause>,
     pub consecutive_failures: u32,
     pub next_attempt: Instant,
 }
@@ -86,6 +136,8 @@ pub struct TokenHandle {
     wake: Notify,
     status: ArcSwap<Status>,
     commands: mpsc::Sender<Command>,
+    /// Set when the token task kept failing and is no longer restarted.
+    refresher_failed: AtomicBool,
 }
 
 impl TokenHandle {
@@ -101,14 +153,18 @@ impl TokenHandle {
                 obtained_at: None,
                 expires_at: None,
                 grant: None,
+                reason: None,
                 last_attempt_at: None,
                 last_grant: None,
+                last_reason: None,
                 last_outcome: None,
                 last_error: None,
+                last_cause: None,
                 consecutive_failures: 0,
                 next_attempt: Instant::now(),
             }),
             commands: tx,
+            refresher_failed: AtomicBool::new(false),
         };
         (Arc::new(handle), rx)
     }
@@ -193,7 +249,17 @@ impl TokenHandle {
         rx.await.ok()
     }
 
+    /// False once the token task could not be kept running: no token will
+    /// ever come again, and `/healthz` fails so the container is restarted.
+    pub fn refresher_running(&self) -> bool {
+        !self.refresher_failed.load(Ordering::Acquire)
+    }
+
     // Writer side: only the refresher calls these.
+
+    pub(crate) fn set_refresher_failed(&self) {
+        self.refresher_failed.store(true, Ordering::Release);
+    }
 
     pub(crate) fn publish(&self, token: Token) {
         let generation = token.generation;

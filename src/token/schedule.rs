@@ -58,15 +58,25 @@ pub fn expiry_margin(lifetime: Duration, cfg: &RefreshConfig) -> Duration {
 
 /// Delay before retrying after the `failures`-th transient error in a row:
 /// exponential from `backoff_base` up to `backoff_max`, full jitter, never
-/// below `min_interval`; and while a token is still usable for `usable_left`,
-/// at most half of that, so the retry happens before the token runs out.
+/// below `min_interval`; while a token is still usable for `usable_left`, at
+/// most half of that, so the retry happens before the token runs out; and
+/// while none is (`usable_left` is `None`), at most
+/// `backoff_max_without_token`, since every request meanwhile gets a 503 and
+/// the first attempt after the endpoint comes back ends the outage.
+///
+/// Example (defaults): the 7th failure in a row waits up to 60 s with a
+/// token left, up to 5 s without one.
 pub fn transient_backoff(
     failures: u32,
     jitter: f64,
     usable_left: Option<Duration>,
     cfg: &RefreshConfig,
 ) -> Duration {
-    let exp = exponential(cfg.backoff_base, cfg.backoff_max, failures);
+    let max = match usable_left {
+        Some(_) => cfg.backoff_max,
+        None => cfg.backoff_max.min(cfg.backoff_max_without_token),
+    };
+    let exp = exponential(cfg.backoff_base.min(max), max, failures);
     let mut d = exp.mul_f64(jitter.clamp(0.0, 1.0));
     if let Some(left) = usable_left {
         d = d.min(left / 2);
@@ -85,6 +95,20 @@ pub fn rejected_backoff(failures: u32, jitter: f64, cfg: &RefreshConfig) -> Dura
     (step + step.mul_f64(jitter.clamp(0.0, 1.0)))
         .min(cfg.rejected_backoff_max)
         .max(cfg.min_interval)
+}
+
+/// Delay before restarting the token task after its `restarts`-th panic in
+/// a row: exponential from `min_interval` up to `backoff_max`, full jitter,
+/// never below `min_interval` (a restarted task logs in at once, and no two
+/// token calls come closer than that). Defaults: up to 1, 2, 4, 8, 16 s.
+pub fn restart_backoff(restarts: u32, jitter: f64, cfg: &RefreshConfig) -> Duration {
+    exponential(
+        cfg.min_interval,
+        cfg.backoff_max.max(cfg.min_interval),
+        restarts,
+    )
+    .mul_f64(jitter.clamp(0.0, 1.0))
+    .max(cfg.min_interval)
 }
 
 fn exponential(base: Duration, max: Duration, failures: u32) -> Duration {
@@ -109,6 +133,7 @@ mod tests {
             expiry_margin: None,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            backoff_max_without_token: Duration::from_secs(5),
             rejected_backoff_min: Duration::from_secs(60),
             rejected_backoff_max: Duration::from_secs(1800),
             secret_poll_interval: Duration::from_secs(2),
@@ -156,19 +181,32 @@ mod tests {
         assert_eq!(transient_backoff(1, 1.0, None, &c), Duration::from_secs(1));
         assert_eq!(transient_backoff(3, 1.0, None, &c), Duration::from_secs(4));
         assert_eq!(
-            transient_backoff(30, 1.0, None, &c),
-            Duration::from_secs(60)
-        );
-        assert_eq!(
             transient_backoff(30, 1.0, Some(Duration::from_secs(10)), &c),
             Duration::from_secs(5)
         );
         assert_eq!(transient_backoff(30, 0.0, None, &c), Duration::from_secs(1));
+        // Without a usable token: backoff_max_without_token.
+        assert_eq!(transient_backoff(30, 1.0, None, &c), Duration::from_secs(5));
+        assert_eq!(transient_backoff(3, 1.0, None, &c), Duration::from_secs(4));
+        assert_eq!(
+            transient_backoff(30, 1.0, Some(Duration::from_secs(1000)), &c),
+            Duration::from_secs(60)
+        );
         assert_eq!(rejected_backoff(1, 0.0, &c), Duration::from_secs(60));
         assert_eq!(rejected_backoff(1, 1.0, &c), Duration::from_secs(120));
         assert_eq!(rejected_backoff(3, 0.5, &c), Duration::from_secs(360));
         assert_eq!(rejected_backoff(5, 1.0, &c), Duration::from_secs(1800));
         assert_eq!(rejected_backoff(20, 0.0, &c), Duration::from_secs(1800));
+    }
+
+    #[test]
+    fn restarts_back_off_from_min_interval() {
+        let c = cfg();
+        let s = Duration::from_secs;
+        assert_eq!(restart_backoff(1, 1.0, &c), s(1));
+        assert_eq!(restart_backoff(5, 1.0, &c), s(16));
+        assert_eq!(restart_backoff(30, 1.0, &c), s(60));
+        assert_eq!(restart_backoff(5, 0.0, &c), s(1));
     }
 
     #[test]
@@ -213,6 +251,22 @@ mod tests {
             let d = rejected_backoff(n, jitter, &c);
             prop_assert!(d >= c.rejected_backoff_min && d <= c.rejected_backoff_max);
             prop_assert!(d >= rejected_backoff(n.saturating_sub(1).max(1), jitter, &c));
+        }
+
+        #[test]
+        fn without_a_token_retries_come_at_most_backoff_max_without_token_apart(
+            n in 1u32..100,
+            jitter in 0.0f64..1.0,
+            cap_ms in 1u64..120_000,
+            min_ms in 1u64..10_000,
+        ) {
+            let mut c = cfg();
+            c.backoff_max_without_token = Duration::from_millis(cap_ms);
+            c.min_interval = Duration::from_millis(min_ms);
+            let d = transient_backoff(n, jitter, None, &c);
+            prop_assert!(d >= c.min_interval);
+            prop_assert!(d <= c.backoff_max_without_token.max(c.min_interval));
+            prop_assert!(d <= c.backoff_max.max(c.min_interval));
         }
 
         #[test]

@@ -1,4 +1,5 @@
 //! Log output captured per test thread (see [`LogBuffer`]).
+#![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
 

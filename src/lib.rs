@@ -37,7 +37,8 @@
 //!   tokio scheduler; [`lifecycle`] the draining state; [`metrics`] the
 //!   Prometheus registry; [`secret`] the redacting secret types; [`tls`] the
 //!   one TLS policy of both clients; [`fake`] the stand-in servers of the
-//!   demo, soak and tests.
+//!   demo, soak and tests; [`differential`] a test and fuzz harness that
+//!   runs the same bytes through both proxy engines.
 //!
 //! # Token lifecycle
 //! For each profile: obtained with its own grant (password or
@@ -53,6 +54,7 @@ pub mod app;
 pub mod check;
 pub mod config;
 pub mod demo;
+pub mod differential;
 pub mod fake;
 pub mod lifecycle;
 pub mod logging;

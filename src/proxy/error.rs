@@ -64,7 +64,7 @@ pub enum BadResponse {
     Status(u16),
     #[error("invalid Content-Length")]
     ContentLength,
-    #[error("a transfer coding other than chunked")]
+    #[error("a transfer coding other than chunked, or one in an HTTP/1.0 response")]
     TransferCoding,
     #[error("101 Switching Protocols to a request that asked for no upgrade")]
     UnaskedSwitch,
@@ -83,13 +83,18 @@ pub enum ClientBodyError {
 
 impl ProxyError {
     /// Classifies a failed upstream exchange by its error chain: the
-    /// client's request body (stalled or broken), TLS, or the upstream.
+    /// client's request body (stalled or broken), TLS, a response head
+    /// that arrived but cannot be read (as the lane's parser reports it,
+    /// so hyper's client is read the same way), or the upstream.
     pub fn from_upstream(e: UpstreamError) -> ProxyError {
         match client_body_error(&*e) {
             Some(ClientBodyError::Idle(_)) => ProxyError::ClientBodyTimeout,
             Some(ClientBodyError::Broken(_)) => ProxyError::ClientBody(e),
             None if crate::tls::is_tls_error(&*e) => ProxyError::UpstreamTls(e),
-            None => ProxyError::UpstreamUnavailable(e),
+            None => match unreadable_head(&*e) {
+                Some(bad) => ProxyError::BadUpstreamResponse(bad),
+                None => ProxyError::UpstreamUnavailable(e),
+            },
         }
     }
 
@@ -186,6 +191,25 @@ fn client_body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a
     while let Some(err) = cur {
         if let Some(b) = err.downcast_ref::<ClientBodyError>() {
             return Some(b);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A response head that hyper's client could not parse, as the policy
+/// names it ([`BadResponse`]).
+fn unreadable_head(e: &(dyn std::error::Error + 'static)) -> Option<BadResponse> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            return if h.is_parse_too_large() {
+                Some(BadResponse::TooLarge)
+            } else if h.is_parse() || h.is_parse_status() {
+                Some(BadResponse::Malformed)
+            } else {
+                None
+            };
         }
         cur = err.source();
     }

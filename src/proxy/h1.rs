@@ -189,7 +189,10 @@ pub struct ResponseHead {
     pub len: usize,
     /// As sent; the policy checks its range.
     pub status: u16,
-    pub reason: Span,
+    /// The reason phrase, if there is one that can be kept: httparse
+    /// gives a reason that is not UTF-8 (obs-text) as a static empty
+    /// string, not a slice of the buffer.
+    pub reason: Option<Span>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor: u8,
 }
@@ -229,8 +232,8 @@ pub fn parse_response(buf: &[u8], fields: &mut Fields) -> Result<Option<Response
         status: resp.code.unwrap_or(0),
         reason: resp
             .reason
-            .map(|r| Span::of(buf, r.as_bytes()))
-            .unwrap_or_default(),
+            .filter(|r| buf.as_ptr_range().contains(&r.as_ptr()))
+            .map(|r| Span::of(buf, r.as_bytes())),
         minor: resp.version.unwrap_or(1),
     }))
 }
@@ -247,8 +250,12 @@ pub struct Chunked {
     digits: u8,
     /// Chunk data bytes so far (what hyper's data frames would carry).
     payload: u64,
-    /// The trailer line being read (trailers are rare and short).
+    /// The trailer section read so far, lines ending in CRLF (trailers
+    /// are rare and short), where its current line starts, and how many
+    /// lines it has.
     line: Vec<u8>,
+    line_start: usize,
+    lines: usize,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -272,8 +279,12 @@ enum ChunkState {
 #[error("malformed chunked body from the upstream")]
 pub struct BadChunk;
 
-/// Longest trailer field line accepted.
-const MAX_TRAILER_LINE: usize = 16 * 1024;
+/// Largest chunk size accepted: 2^60 - 1, well within what a body length
+/// (at most 2^63 - 1, as for `Content-Length`) can count.
+const MAX_CHUNK_SIZE: u64 = (1 << 60) - 1;
+
+/// Largest trailer section accepted.
+const MAX_TRAILER_SECTION: usize = 16 * 1024;
 
 impl Chunked {
     /// Decodes the next bytes of the body, writing the re-framed bytes to
@@ -304,8 +315,10 @@ impl Chunked {
             self.state = match (self.state, c) {
                 (Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
                     let d = (c as char).to_digit(16).unwrap_or(0) as u64;
-                    self.digits += 1;
-                    if self.digits > 15 {
+                    // The value is bounded, not its digits (RFC 9112 7.1:
+                    // leading zeros are fine, as in nginx and hyper).
+                    self.digits = self.digits.saturating_add(1);
+                    if self.size > MAX_CHUNK_SIZE >> 4 {
                         return Err(BadChunk);
                     }
                     self.size = self.size * 16 + d;
@@ -318,8 +331,10 @@ impl Chunked {
                 (Ext, b'\n') => return Err(BadChunk),
                 (Ext, _) => Ext,
                 (SizeLf, b'\n') if self.size == 0 => {
-                    out.extend_from_slice(b"0\r\n");
+                    // The last chunk is written with the trailer section,
+                    // once that has been read whole.
                     self.line.clear();
+                    (self.line_start, self.lines) = (0, 0);
                     Trailer
                 }
                 (SizeLf, b'\n') => Data,
@@ -328,23 +343,36 @@ impl Chunked {
                     self.digits = 0;
                     Size
                 }
+                // The section's lines end in CRLF, a bare LF is a byte of
+                // its line (as hyper reads it); the section is parsed as
+                // a whole once it has ended, as hyper parses it.
                 (Trailer, b'\r') => TrailerLf,
-                (Trailer, b'\n') => return Err(BadChunk),
                 (Trailer, _) => {
-                    if self.line.len() >= MAX_TRAILER_LINE {
+                    if self.line.len() >= MAX_TRAILER_SECTION {
                         return Err(BadChunk);
                     }
                     self.line.push(c);
                     Trailer
                 }
-                (TrailerLf, b'\n') if self.line.is_empty() => {
+                (TrailerLf, b'\n') if self.line.len() == self.line_start => {
+                    let mark = out.len();
+                    out.extend_from_slice(b"0\r\n");
+                    if let Err(e) = write_trailers(out, &mut self.line, self.lines, keep_trailer) {
+                        out.truncate(mark);
+                        return Err(e);
+                    }
                     out.extend_from_slice(b"\r\n");
                     self.state = Done;
                     return Ok((i, true));
                 }
                 (TrailerLf, b'\n') => {
-                    write_trailer(out, &self.line, keep_trailer)?;
-                    self.line.clear();
+                    // As many trailer fields as head fields, as hyper allows.
+                    if self.lines == MAX_HEADERS {
+                        return Err(BadChunk);
+                    }
+                    self.line.extend_from_slice(b"\r\n");
+                    self.line_start = self.line.len();
+                    self.lines += 1;
                     Trailer
                 }
                 _ => return Err(BadChunk),
@@ -370,24 +398,32 @@ fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A trailer field line (`name: value`), written with its name in lower
-/// case (as hyper writes trailers) if `keep` accepts the name.
-fn write_trailer(
+/// The fields of a whole trailer section (`lines` lines, each ending in
+/// CRLF), parsed as field lines are (`httparse`, as hyper parses trailers),
+/// each that `keep` accepts written with its name in lower case (as hyper
+/// writes trailers). A section that is no list of fields is refused.
+fn write_trailers(
     out: &mut Vec<u8>,
-    line: &[u8],
+    section: &mut Vec<u8>,
+    lines: usize,
     keep: &dyn Fn(&[u8]) -> bool,
 ) -> Result<(), BadChunk> {
-    let colon = line.iter().position(|&b| b == b':').ok_or(BadChunk)?;
-    let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
-    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-    if name.is_empty() || !name.iter().all(token) {
-        return Err(BadChunk);
+    if lines == 0 {
+        return Ok(());
     }
-    if keep(name) {
-        out.extend(name.iter().map(u8::to_ascii_lowercase));
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
+    section.extend_from_slice(b"\r\n");
+    let mut storage = vec![httparse::EMPTY_HEADER; lines];
+    let fields = match httparse::parse_headers(section, &mut storage) {
+        Ok(httparse::Status::Complete((_, fields))) => fields,
+        _ => return Err(BadChunk),
+    };
+    for f in fields.iter() {
+        if keep(f.name.as_bytes()) {
+            out.extend(f.name.bytes().map(|b| b.to_ascii_lowercase()));
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(f.value);
+            out.extend_from_slice(b"\r\n");
+        }
     }
     Ok(())
 }
@@ -455,7 +491,10 @@ mod tests {
         let raw = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\n\r\nrest";
         let head = parse_response(raw, &mut fields).unwrap().unwrap();
         assert_eq!((head.status, head.minor, head.len), (401, 1, raw.len() - 4));
-        assert_eq!(head.reason.get(raw), b"Unauthorized");
+        assert_eq!(head.reason.unwrap().get(raw), b"Unauthorized");
+        let obs_text = b"HTTP/1.1 201 Create\x97\r\n\r\n";
+        let other = parse_response(obs_text, &mut Vec::new()).unwrap().unwrap();
+        assert_eq!((other.status, other.reason), (201, None));
         assert_eq!(fields.len(), 1);
         assert_eq!(
             parse_response(b"HTTP/1.1 200 OK\r\n", &mut fields),
@@ -521,11 +560,12 @@ mod tests {
             &b"x\r\n"[..],
             b"\r\n",
             b"5\r\nhelloXX",
-            b"0\r\nX\n",
+            b"0\r\nX\r\r",
             b"1\n",
             b" 1\r\n",
             b"0\r\nno colon\r\n\r\n",
             b"1000000000000000\r\n",
+            b"0001000000000000000\r\n",
         ] {
             let mut c = Chunked::default();
             assert_eq!(
@@ -534,6 +574,20 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn chunk_sizes_are_bounded_by_value_not_digits() {
+        let body = b"0000000000000000005\r\nhello\r\n000000000000000000\r\n\r\n";
+        let (out, used, payload) = reframe(body, true).unwrap();
+        assert_eq!((used, payload), (body.len(), 5));
+        assert_eq!(out, b"5\r\nhello\r\n0\r\n\r\n");
+        let mut c = Chunked::default();
+        let fits = b"fffffffffffffff\r\n";
+        assert_eq!(
+            c.feed(fits, &mut Vec::new(), &|_: &[u8]| true),
+            Ok((fits.len(), false))
+        );
     }
 
     proptest! {

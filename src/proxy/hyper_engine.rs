@@ -222,7 +222,12 @@ impl HyperUpstream {
                     .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes())),
             );
             policy
-                .check_response(sent.0.status().as_u16(), &facts, facts_upgrade(upgrade))
+                .check_response(
+                    sent.0.version(),
+                    sent.0.status().as_u16(),
+                    &facts,
+                    facts_upgrade(upgrade),
+                )
                 .map_err(ProxyError::BadUpstreamResponse)?;
             let invalid_token = facts.invalid_token;
             drop(facts);
@@ -338,6 +343,13 @@ impl HyperUpstream {
         parts.headers = headers;
         // An intermediary sends its own HTTP version (RFC 9110 2.5).
         parts.version = Version::HTTP_11;
+        // hyper writes the reason it read (when not the canonical one) or
+        // else the canonical one: it gets the policy's choice.
+        if let Some(read) = parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+            if Policy::reason_phrase(status, Some(read.as_bytes())) != read.as_bytes() {
+                parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+            }
+        }
         let body = ProxyBody::stream(body, policy.shared.body_idle_timeout).with_checkin(checkin);
         Response::from_parts(parts, body)
     }

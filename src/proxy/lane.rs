@@ -420,6 +420,9 @@ pub async fn serve<H>(
         request_deadline: Some(Deadline::new(now + shared.request_timeout)),
     };
     let mut idle = Deadline::new(now + shared.client_idle_timeout);
+    // HTTP/2 with prior knowledge starts with the connection (RFC 9113
+    // 3.4): after a request, the preface is a malformed HTTP/1.1 head.
+    let mut first = true;
     loop {
         // The whole head must come within the idle timeout of the last
         // response (hyper's `header_read_timeout`): a byte now and then
@@ -429,7 +432,8 @@ pub async fn serve<H>(
         loop {
             let refused = match h1::parse_request(&c.buf, &mut c.head) {
                 Parse::Ready => break,
-                Parse::Http2 => return Some(c.hand_over()),
+                Parse::Http2 if first => return Some(c.hand_over()),
+                Parse::Http2 => Some(ProxyError::BadRequest("malformed request head")),
                 Parse::Partial if c.buf.len() < super::MAX_HEADER_BYTES => None,
                 Parse::Partial | Parse::TooManyFields => Some(ProxyError::HeaderTooLarge),
                 Parse::Malformed => Some(ProxyError::BadRequest("malformed request head")),
@@ -453,6 +457,7 @@ pub async fn serve<H>(
                 _ => return None, // closed or failed
             }
         }
+        first = false;
         match c.exchange().await {
             Next::KeepAlive if !c.stop.fired() => {}
             Next::ToHyper => return Some(c.hand_over()),
@@ -598,10 +603,8 @@ impl<H> Conn<'_, H> {
         ex.generation.store(generation, Ordering::Relaxed);
 
         let mut copy = policy.keeps_body(Some(self.req.length)).then(Vec::new);
-        let (mut up, mut answer, sent_all) = self
-            .send(ex, &bearer, Body::Client(&mut copy))
-            .await
-            .map_err(|e| (e, body_left))?;
+        let (mut up, mut answer, sent_all) =
+            self.send(ex, &bearer, Body::Client(&mut copy)).await?;
         let mut replay = policy.replay(generation, Engine::FastLane);
         // The copy is there only if the body was within the limit and all sent.
         let replayable = copy.is_some() && sent_all;
@@ -614,7 +617,7 @@ impl<H> Conn<'_, H> {
             (up, answer, _) =
                 self.send(ex, &bearer, Body::Copy(copy))
                     .await
-                    .map_err(|e| match e {
+                    .map_err(|(e, _)| match e {
                         // Too late to hand over: the first answer was read.
                         Failed::ToHyper => (
                             Failed::Answer(ProxyError::UpstreamUnavailable(
@@ -631,13 +634,15 @@ impl<H> Conn<'_, H> {
     /// Sends the request upstream (head, then body) and reads the response
     /// head. Returns the connection with the head at the start of its
     /// buffer, and whether the whole request body went out (the upstream
-    /// may answer before it has read it all).
+    /// may answer before it has read it all); a failure comes with whether
+    /// client body bytes are still unread (a body read to its end leaves
+    /// the connection usable for the next request).
     async fn send(
         &mut self,
         ex: &Exchange,
         bearer: &HeaderValue,
         mut body: Body<'_>,
-    ) -> Result<(UpConn, Answer, bool), Failed> {
+    ) -> Result<(UpConn, Answer, bool), (Failed, bool)> {
         let policy = self.policy;
         let started = Instant::now();
         let until = started + policy.route.request_timeout;
@@ -646,6 +651,8 @@ impl<H> Conn<'_, H> {
             .take()
             .unwrap_or_else(|| Deadline::new(until));
         deadline.set(until);
+        let mut unread = matches!(body, Body::Client(_))
+            && (self.buf.len() - self.head.len) < self.req.length as usize;
         let sending = async {
             let mut up = match self.lane.checkout().await {
                 Ok(up) => up,
@@ -672,7 +679,9 @@ impl<H> Conn<'_, H> {
                     write_up(&mut up.io, &self.out, self.shared.body_idle_timeout).await?;
                     ex.bytes_up.fetch_add(in_buf as u64, Ordering::Relaxed);
                     let rest = (length - in_buf) as u64;
-                    rest == 0 || self.stream_body(&mut up, rest, copy, ex).await?
+                    let all = rest == 0 || self.stream_body(&mut up, rest, copy, ex).await?;
+                    unread = !all;
+                    all
                 }
             };
             let answer = self.response_head(&mut up).await?;
@@ -682,21 +691,22 @@ impl<H> Conn<'_, H> {
         self.request_deadline = Some(deadline);
         ex.upstream_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        match result {
-            None => Err(Failed::Answer(ProxyError::UpstreamTimeout)),
-            Some(Ok(sent)) => Ok(sent),
-            Some(Err(SendError::ToHyper)) => Err(Failed::ToHyper),
-            Some(Err(SendError::ClientGone)) => Err(Failed::Gone),
+        let failed = match result {
+            Some(Ok(sent)) => return Ok(sent),
+            None => Failed::Answer(ProxyError::UpstreamTimeout),
+            Some(Err(SendError::ToHyper)) => Failed::ToHyper,
+            Some(Err(SendError::ClientGone)) => Failed::Gone,
             Some(Err(SendError::BadResponse(e))) => {
-                Err(Failed::Answer(ProxyError::BadUpstreamResponse(e)))
+                Failed::Answer(ProxyError::BadUpstreamResponse(e))
             }
             Some(Err(SendError::ClientBody(e))) => {
-                Err(Failed::Answer(ProxyError::from_upstream(Box::new(e))))
+                Failed::Answer(ProxyError::from_upstream(Box::new(e)))
             }
             Some(Err(SendError::Upstream(e))) => {
-                Err(Failed::Answer(ProxyError::from_upstream(Box::new(e))))
+                Failed::Answer(ProxyError::from_upstream(Box::new(e)))
             }
-        }
+        };
+        Err((failed, unread))
     }
 
     /// Streams the rest of the request body (`rest` bytes) from the client
@@ -793,7 +803,7 @@ impl<H> Conn<'_, H> {
             };
             let facts = ResponseFacts::of(h1::slices(&up.buf, &self.up_fields));
             self.policy
-                .check_response(head.status, &facts, Upgrade::None)
+                .check_response(version(head.minor), head.status, &facts, Upgrade::None)
                 .map_err(SendError::BadResponse)?;
             let length = match facts.content_length {
                 ContentLength::Valid(n) => Some(n),
@@ -852,7 +862,8 @@ impl<H> Conn<'_, H> {
             out.extend_from_slice(b"HTTP/1.1 ");
             out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
             out.push(b' ');
-            out.extend_from_slice(answer.head.reason.get(&up.buf));
+            let reason = answer.head.reason.map(|r| r.get(&up.buf));
+            out.extend_from_slice(Policy::reason_phrase(status, reason));
             let public = answer
                 .has_location
                 .then(|| policy.public_base(self.req.host.map(|h| h.get(&self.buf))));
@@ -926,7 +937,18 @@ impl<H> Conn<'_, H> {
             let (take, done, counted) = match chunked.as_mut() {
                 Some(dec) => {
                     let before = dec.payload();
-                    let (used, ended) = dec.feed(avail, &mut self.out, &keep)?;
+                    let (used, ended) = match dec.feed(avail, &mut self.out, &keep) {
+                        Ok(fed) => fed,
+                        Err(e) => {
+                            // What decoded well still goes out, as it would
+                            // have had the fault come in a later read; then
+                            // the connection closes.
+                            if !self.out.is_empty() {
+                                let _ = self.io.write_all(&self.out).await;
+                            }
+                            return Err(e.into());
+                        }
+                    };
                     // Body bytes, as the hyper engine counts them: not the framing.
                     (used, ended, dec.payload() - before)
                 }
@@ -1048,6 +1070,15 @@ impl<H> Conn<'_, H> {
         };
         self.answer(e, &ex, true).await;
         let _ = self.io.shutdown().await;
+    }
+}
+
+/// The HTTP/1.x version of a minor version number.
+fn version(minor: u8) -> Version {
+    if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
     }
 }
 

@@ -286,9 +286,11 @@ impl Policy {
 
     /// Whether an upstream response head can be passed on (else 502): a
     /// status code of three digits, from 100; one valid `Content-Length`;
-    /// no transfer coding but chunked; a 101 only to an upgrade.
+    /// no transfer coding but chunked, and none in an HTTP/1.0 answer; a
+    /// 101 only to an upgrade.
     pub fn check_response(
         &self,
+        version: Version,
         status: u16,
         facts: &ResponseFacts<'_>,
         upgrade: Upgrade,
@@ -300,6 +302,12 @@ impl Policy {
             return Err(BadResponse::UnaskedSwitch);
         }
         if matches!(facts.transfer_coding, TransferCoding::Other { .. }) {
+            return Err(BadResponse::TransferCoding);
+        }
+        // RFC 9112 6.1: an HTTP/1.0 message with a transfer coding may
+        // have crossed a hop that did not decode it: its framing is
+        // faulty (hyper's client refuses it too).
+        if version == Version::HTTP_10 && facts.transfer_coding != TransferCoding::Absent {
             return Err(BadResponse::TransferCoding);
         }
         if facts.content_length == ContentLength::Invalid
@@ -424,6 +432,21 @@ impl Policy {
             .map(|t| t.to_ascii_lowercase())
             .collect();
         TrailerRule { declared }
+    }
+
+    /// The reason phrase of a response passed on: the upstream's when it
+    /// has one (`None`: empty, or not UTF-8 and so not kept by the
+    /// parser), else the status code's own (RFC 9112 4: clients ignore
+    /// it; an empty one is what a status code without a known reason gets).
+    pub fn reason_phrase(status: u16, upstream: Option<&[u8]>) -> &[u8] {
+        match upstream {
+            Some(r) if !r.is_empty() => r,
+            _ => http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+                .as_bytes(),
+        }
     }
 
     /// Whether `name` is one whose value [`Policy::rewrite_location`] may rewrite.

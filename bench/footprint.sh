@@ -109,7 +109,7 @@ format = "json"
     assert ready_wall, "not ready within 10 s"
     r = {"exec_to_ready_ms": (t_ready - t0) * 1000, "rss_ready_kib": rss_kib(p.pid), "threads": threads(p.pid)}
     _, metrics = get(admin, "/metrics")
-    m = re.search(rb"^token_sidecar_token_request_duration_seconds_sum (\S+)$", metrics, re.M)
+    m = re.search(rb"^token_sidecar_token_request_duration_seconds_sum(?:\{[^}]*\})? (\S+)$", metrics, re.M)
     r["token_request_ms"] = float(m.group(1)) * 1000
     if idle:
         time.sleep(5)

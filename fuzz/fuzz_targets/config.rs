@@ -1,5 +1,6 @@
 //! The config loader over any TOML text: never a panic, and a rejected
-//! config never quotes the password or client secret it was given.
+//! config never quotes a password or client secret it was given, in the
+//! `[oauth]` table or in any `[credentials.NAME]` profile.
 #![no_main]
 
 use figment::providers::{Format, Toml};
@@ -22,7 +23,15 @@ fn scalar_text(v: &Value) -> Option<String> {
 
 fuzz_target!(|text: &str| {
     let fig = Figment::new().merge(Toml::string(text));
-    let secrets: Vec<String> = ["oauth.password", "oauth.client_secret"]
+    // The single-upstream form's table and every credentials profile.
+    let mut keys: Vec<String> = vec!["oauth.password".into(), "oauth.client_secret".into()];
+    if let Ok(Value::Dict(_, profiles)) = fig.find_value("credentials") {
+        for name in profiles.keys() {
+            keys.push(format!("credentials.{name}.password"));
+            keys.push(format!("credentials.{name}.client_secret"));
+        }
+    }
+    let secrets: Vec<String> = keys
         .iter()
         .filter_map(|k| fig.find_value(k).ok())
         .filter_map(|v| scalar_text(&v))

@@ -10,6 +10,8 @@
 #   bench/profile.sh [PROFILE]          # 8 connections, 10 s; PROFILE: a Cargo profile, default release
 #   bench/profile.sh dist               # the profile the container image is built with
 #   CONNS=64 DURATION=20 bench/profile.sh
+#   ROUTES=8 bench/profile.sh           # the routes form with 8 routes, traffic on the last one
+#   FAST_LANE=false bench/profile.sh    # everything through the hyper engine
 # Builds `cargo build --profile PROFILE --bin token-sidecar` first (SKIP_BUILD=1:
 # don't); SIDECAR=path measures that binary instead.
 # KEEP_WORK=1 keeps the callgrind output for `callgrind_annotate --inclusive=yes`.
@@ -68,9 +70,9 @@ taskset -c "${PROXY_CPUS:-0}" valgrind --tool=callgrind --callgrind-out-file="$W
 VG=$!
 PIDS+=("$VG")
 wait_http "http://127.0.0.1:$SIDECAR_PORT/"
-wrk -t1 -c "$CONNS" -d 3s "http://127.0.0.1:$SIDECAR_PORT/" >/dev/null
+wrk -t1 -c "$CONNS" -d 3s "http://127.0.0.1:$SIDECAR_PORT$SIDECAR_PATH" >/dev/null
 callgrind_control -z "$VG" >/dev/null
-OUT=$(wrk -t1 -c "$CONNS" -d "${DURATION}s" "http://127.0.0.1:$SIDECAR_PORT/")
+OUT=$(wrk -t1 -c "$CONNS" -d "${DURATION}s" "http://127.0.0.1:$SIDECAR_PORT$SIDECAR_PATH")
 callgrind_control -d "$VG" >/dev/null
 REQS=$(echo "$OUT" | awk '/requests in/ {print $1}')
 DUMP=$(ls -t "$WORK"/callgrind.out.* | head -n1)

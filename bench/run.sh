@@ -4,8 +4,9 @@
 #
 # Measures, interleaved and repeated: the upstream directly, nginx (one
 # worker, keep-alive upstream, static `Authorization: Bearer <1 KiB>`, access
-# log on) and token-sidecar with its defaults (access log, request ids),
-# at each connection count; then a streaming download through each.
+# log buffered like the sidecar's) and token-sidecar with its defaults
+# (access log, request ids), at each connection count, to the upstream over
+# plain http and over https; then a streaming download through each.
 # Prints medians across rounds and the ratios token-sidecar/nginx.
 #
 #   bench/run.sh [PROFILE]    # PROFILE: the Cargo profile to build and measure, default release
@@ -13,8 +14,14 @@
 # Everything listens on 127.0.0.1 only; every process started here is
 # stopped on exit. Settings (environment):
 #   ROUNDS=3 DURATION=10 WARMUP=2 CONNS="64 256" WRK_THREADS=1
-#   STREAM_MIB=1024 PORT_BASE=27480 (and the 4 ports after it) SKIP_BUILD=0
+#   STREAM_MIB=1024 PORT_BASE=27480 (and the 5 ports after it) SKIP_BUILD=0
+#   TLS=1: also the https upstream (0: plain http only)
+#   PLACEMENT=pinned (default) | unpinned: every process may run on every CPU
 #   PROXY_CPUS, UPSTREAM_CPUS, LOAD_CPUS: taskset CPU lists (see placement below)
+#   FAST_LANE, ROUTES: the sidecar's config (bench/sidecar_config.sh)
+#   VARIANTS="NAME:VAR=VALUE[,VAR=VALUE] ...": more targets, token-sidecar+NAME,
+#     the plain-http sidecar with those environment overrides, e.g.
+#     VARIANTS="nolog:TOKEN_SIDECAR_PROXY__ACCESS_LOG=false"
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -42,6 +49,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v curl >/dev/null || missing+=(curl)
 command -v python3 >/dev/null || missing+=(python3)
 command -v taskset >/dev/null || missing+=(util-linux)
+command -v openssl >/dev/null || missing+=(openssl)
 if ((${#missing[@]})); then
     say "installing ${missing[*]} from Debian packages"
     sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
@@ -60,8 +68,13 @@ SIDECAR=${SIDECAR:-$ROOT/target/$PROFILE_DIR/token-sidecar}
 # --- placement ----------------------------------------------------------------
 # The proxy under test gets a core of its own; the load generator and the
 # upstream share the rest. On 2 cores: proxy on 0, wrk and upstream on 1.
+# PLACEMENT=unpinned lets the scheduler put every process anywhere, as in a
+# pod without a CPU manager policy.
 ncpu=$(nproc)
-if [ "$ncpu" -ge 4 ]; then
+PLACEMENT=${PLACEMENT:-pinned}
+if [ "$PLACEMENT" = unpinned ]; then
+    : "${PROXY_CPUS:=0-$((ncpu - 1))}" "${UPSTREAM_CPUS:=0-$((ncpu - 1))}" "${LOAD_CPUS:=0-$((ncpu - 1))}"
+elif [ "$ncpu" -ge 4 ]; then
     : "${PROXY_CPUS:=0}" "${UPSTREAM_CPUS:=1}" "${LOAD_CPUS:=2-$((ncpu - 1))}"
 elif [ "$ncpu" -ge 2 ]; then
     : "${PROXY_CPUS:=0}" "${UPSTREAM_CPUS:=1}" "${LOAD_CPUS:=1}"
@@ -74,12 +87,14 @@ NGINX_PORT=$((PORT_BASE + 1))
 SIDECAR_PORT=$((PORT_BASE + 2))
 ADMIN_PORT=$((PORT_BASE + 3))
 TOKEN_PORT=$((PORT_BASE + 4))
+UP_TLS_PORT=$((PORT_BASE + 5))
+TLS=${TLS:-1}
 python3 -c '
 import socket, sys
-for port in range(int(sys.argv[1]), int(sys.argv[1]) + 5):
+for port in range(int(sys.argv[1]), int(sys.argv[1]) + 6):
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
-' "$PORT_BASE" 2>/dev/null || die "ports $PORT_BASE-$TOKEN_PORT are not all free on 127.0.0.1; set PORT_BASE"
+' "$PORT_BASE" 2>/dev/null || die "ports $PORT_BASE-$UP_TLS_PORT are not all free on 127.0.0.1; set PORT_BASE"
 
 # --- scratch space and clean-up ---------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/token-sidecar-bench.XXXXXX")
@@ -132,6 +147,17 @@ BODY='{"id":"b3f1c2d4-5e6f-4a7b-8c9d-0e1f2a3b4c5d","status":"APPROVED","amount":
 say "creating a ${STREAM_MIB} MiB file in $DATA_DIR"
 dd if=/dev/zero of="$DATA_DIR/big.bin" bs=1M count="$STREAM_MIB" status=none
 
+# A private CA and the upstream's certificate (for 127.0.0.1 and the name
+# nginx verifies, upstream.bench), as a real https upstream would have.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=bench-ca -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=upstream.bench \
+    -keyout "$WORK/upstream.key" -out "$WORK/upstream.csr" 2>/dev/null
+printf 'subjectAltName=DNS:upstream.bench,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$WORK/upstream.ext"
+openssl x509 -req -in "$WORK/upstream.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" \
+    -CAcreateserial -days 2 -extfile "$WORK/upstream.ext" -out "$WORK/upstream.pem" 2>/dev/null
+chmod 644 "$WORK"/*.pem "$WORK"/*.key
+
 cat >"$WORK/upstream.conf" <<EOF
 worker_processes 1;
 pid $WORK/upstream.pid;
@@ -146,6 +172,10 @@ http {
     sendfile on;
     server {
         listen 127.0.0.1:$UP_PORT backlog=4096;
+        listen 127.0.0.1:$UP_TLS_PORT ssl backlog=4096;
+        ssl_certificate $WORK/upstream.pem;
+        ssl_certificate_key $WORK/upstream.key;
+        ssl_session_cache shared:SSL:1m;
         location = /big.bin { root $DATA_DIR; }
         location / {
             default_type application/json;
@@ -155,18 +185,32 @@ http {
 }
 EOF
 
-cat >"$WORK/nginx-proxy.conf" <<EOF
+# nginx as the proxy, to the http or the https upstream.
+write_nginx_proxy_conf() { # FILE SCHEME
+    local port=$UP_PORT tls=
+    if [ "$2" = https ]; then
+        port=$UP_TLS_PORT
+        # Verified like the sidecar verifies; sessions resumed on reconnect.
+        tls="proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate $WORK/ca.pem;
+            proxy_ssl_name upstream.bench;
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;"
+    fi
+    cat >"$1" <<EOF
 worker_processes 1;
 pid $WORK/nginx-proxy.pid;
 events { worker_connections 8192; }
 http {
-    access_log $WORK/nginx-access.log;   # combined format, one write per request
+    # Combined format, written in 16 KiB batches or after 100 ms, as the
+    # sidecar writes its access log.
+    access_log $WORK/nginx-access.log combined buffer=16k flush=100ms;
     keepalive_requests 100000000;
     keepalive_timeout 300s;
     client_body_temp_path $WORK/nginx-client-body;
     proxy_temp_path $WORK/nginx-proxy-temp;
     upstream backend {
-        server 127.0.0.1:$UP_PORT;
+        server 127.0.0.1:$port;
         keepalive 1024;
         keepalive_requests 100000000;
         keepalive_timeout 300s;
@@ -174,18 +218,23 @@ http {
     server {
         listen 127.0.0.1:$NGINX_PORT backlog=4096;
         location / {
-            proxy_pass http://backend;
+            proxy_pass $2://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Authorization "Bearer $TOKEN";
             # Stream large answers through memory buffers, never a temp file.
             proxy_max_temp_file_size 0;
+            $tls
         }
     }
 }
 EOF
+}
+write_nginx_proxy_conf "$WORK/nginx-proxy.conf" http
+write_nginx_proxy_conf "$WORK/nginx-tls-proxy.conf" https
 
 . "$ROOT/bench/sidecar_config.sh"
+UPSTREAM_URL=https://127.0.0.1:$UP_TLS_PORT/ CA_FILE=$WORK/ca.pem write_sidecar_config "$WORK/sidecar-tls.toml"
 write_sidecar_config "$WORK/sidecar.toml"
 
 # --- process helpers ----------------------------------------------------------
@@ -206,8 +255,10 @@ nginx_worker() { # MASTER -> the worker's pid (worker_processes 1)
     die "nginx $1 has no worker"
 }
 
-start_sidecar() { # -> sets STARTED
-    taskset -c "$PROXY_CPUS" "$SIDECAR" --config "$WORK/sidecar.toml" >"$WORK/sidecar.log" 2>&1 &
+start_sidecar() { # CONFIG [VAR=VALUE,...] -> sets STARTED
+    local overrides=()
+    [ -n "${2:-}" ] && IFS=, read -r -a overrides <<<"$2"
+    env "${overrides[@]}" taskset -c "$PROXY_CPUS" "$SIDECAR" --config "$1" >"$WORK/sidecar.log" 2>&1 &
     STARTED=$!
     PIDS+=("$STARTED")
     wait_http "http://127.0.0.1:$ADMIN_PORT/readyz"
@@ -235,6 +286,7 @@ RESULTS=$WORK/results.tsv
 STREAM_RESULTS=$WORK/stream.tsv
 : >"$RESULTS"
 : >"$STREAM_RESULTS"
+mkdir -p "$WORK/wrk"
 
 # Starts TARGET's server; sets URL, MEASURE_PID (whose CPU and RSS count),
 # TREE_PID (the whole server: nginx's master and worker) and STOP_PID.
@@ -246,21 +298,25 @@ start_target() {
         TREE_PID=$UPSTREAM_MASTER
         STOP_PID=
         ;;
-    nginx)
+    nginx | nginx-tls)
         rm -f "$WORK/nginx-access.log"
-        start_nginx "$WORK/nginx-proxy.conf" "$PROXY_CPUS" nginx-proxy
+        start_nginx "$WORK/$1-proxy.conf" "$PROXY_CPUS" nginx-proxy
         STOP_PID=$STARTED
         TREE_PID=$STARTED
         URL=http://127.0.0.1:$NGINX_PORT
         wait_http "$URL/"
         MEASURE_PID=$(nginx_worker "$STOP_PID")
         ;;
-    token-sidecar)
-        start_sidecar
+    token-sidecar | token-sidecar-tls | token-sidecar+*)
+        local config=sidecar overrides=
+        [ "$1" = token-sidecar-tls ] && config=sidecar-tls
+        [[ $1 == token-sidecar+* ]] && overrides=$(variant_env "${1#token-sidecar+}")
+        start_sidecar "$WORK/$config.toml" "$overrides"
         STOP_PID=$STARTED
         TREE_PID=$STARTED
         MEASURE_PID=$STARTED
-        URL=http://127.0.0.1:$SIDECAR_PORT
+        # The path's last slash is the one every request adds.
+        URL=http://127.0.0.1:$SIDECAR_PORT${SIDECAR_PATH%/}
         ;;
     esac
 }
@@ -276,10 +332,10 @@ wrk_field() { # OUTPUT FIELD
     case $2 in
     requests) awk '/requests in/ {print $1}' <<<"$1" ;;
     rps) awk '/^Requests\/sec:/ {print $2}' <<<"$1" ;;
-    p50 | p99)
-        # "     99%    3.21ms" -> milliseconds
-        awk -v q="${2#p}%" '$1 == q {
-            v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
+    p50 | p75 | p90 | p99 | max)
+        # "     99%    3.21ms" (or "    Latency   1.2ms  0.3ms  40.1ms  ...") -> milliseconds
+        awk -v q="${2#p}%" '($1 == q) || (q == "max%" && $1 == "Latency" && $2 != "Distribution") {
+            v = (q == "max%") ? $4 : $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
             f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : 1
             printf "%.3f\n", v * f
         }' <<<"$1"
@@ -299,12 +355,14 @@ measure() { # ROUND TARGET CONNS
     t0=$(cpu_ticks "$MEASURE_PID")
     out=$(taskset -c "$LOAD_CPUS" wrk -t"$WRK_THREADS" -c"$conns" -d"${DURATION}s" --latency "$URL/")
     t1=$(cpu_ticks "$MEASURE_PID")
+    # The whole latency distribution, kept with KEEP_WORK=1.
+    printf '%s\n' "$out" >"$WORK/wrk/$round-$target-$conns.txt"
     requests=$(wrk_field "$out" requests)
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$conns" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$conns" \
         "$(wrk_field "$out" rps)" "$(wrk_field "$out" p50)" "$(wrk_field "$out" p99)" \
         "$requests" "$((t1 - t0))" "$(vm_hwm_kib "$MEASURE_PID")" "$(wrk_field "$out" errors)" \
-        "$(tree_hwm_kib "$TREE_PID")" >>"$RESULTS"
-    say "$(tail -n1 "$RESULTS" | awk -F'\t' '{printf "round %s %-13s c=%-4s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  errors %s", $1, $2, $3, $4, $5, $6, $10}')"
+        "$(tree_hwm_kib "$TREE_PID")" "$(wrk_field "$out" p90)" "$(wrk_field "$out" max)" >>"$RESULTS"
+    say "$(tail -n1 "$RESULTS" | awk -F'\t' '{printf "round %s %-17s c=%-4s %9.0f req/s  p50 %6.2f ms  p99 %6.2f ms  errors %s", $1, $2, $3, $4, $5, $6, $10}')"
     stop_target
 }
 
@@ -314,7 +372,7 @@ stream() { # ROUND TARGET
     out=$(taskset -c "$LOAD_CPUS" curl -sf -o /dev/null -w '%{speed_download} %{size_download}' "$URL/big.bin")
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "${out% *}" "${out#* }" \
         "$(vm_hwm_kib "$MEASURE_PID")" "$(tree_hwm_kib "$TREE_PID")" >>"$STREAM_RESULTS"
-    say "$(tail -n1 "$STREAM_RESULTS" | awk -F'\t' '{printf "round %s %-13s stream %7.0f MB/s (%s bytes)", $1, $2, $3 / 1e6, $4}')"
+    say "$(tail -n1 "$STREAM_RESULTS" | awk -F'\t' '{printf "round %s %-17s stream %7.0f MB/s (%s bytes)", $1, $2, $3 / 1e6, $4}')"
     stop_target
 }
 
@@ -329,16 +387,26 @@ UPSTREAM_MASTER=$STARTED
 wait_http "http://127.0.0.1:$UP_PORT/"
 UPSTREAM_WORKER=$(nginx_worker "$UPSTREAM_MASTER")
 
+variant_env() { # NAME -> its VAR=VALUE list from VARIANTS
+    local v
+    for v in ${VARIANTS:-}; do
+        [ "${v%%:*}" = "$1" ] && { echo "${v#*:}"; return; }
+    done
+}
+
 TARGETS=(direct nginx token-sidecar)
+[ "$TLS" = 1 ] && TARGETS+=(nginx-tls token-sidecar-tls)
+for v in ${VARIANTS:-}; do TARGETS+=("token-sidecar+${v%%:*}"); done
+n=${#TARGETS[@]}
 for round in $(seq "$ROUNDS"); do
     for conns in $CONNS; do
         # Rotate the order each round so no target always runs first.
-        for i in 0 1 2; do
-            measure "$round" "${TARGETS[$(((i + round + conns) % 3))]}" "$conns"
+        for i in $(seq 0 $((n - 1))); do
+            measure "$round" "${TARGETS[$(((i + round + conns) % n))]}" "$conns"
         done
     done
-    for i in 0 1 2; do
-        stream "$round" "${TARGETS[$(((i + round) % 3))]}"
+    for i in $(seq 0 $((n - 1))); do
+        stream "$round" "${TARGETS[$(((i + round) % n))]}"
     done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -346,7 +414,8 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 python3 "$BENCH/summarize.py" "$RESULTS" "$STREAM_RESULTS" "$(getconf CLK_TCK)" <<EOF
 machine: $(nproc) CPUs, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)
 load average before/after: $LOAD_BEFORE / $LOAD_AFTER
-placement: proxy on CPU $PROXY_CPUS, upstream on CPU $UPSTREAM_CPUS, wrk -t$WRK_THREADS on CPU $LOAD_CPUS
+placement: $PLACEMENT: proxy on CPU $PROXY_CPUS, upstream on CPU $UPSTREAM_CPUS, wrk -t$WRK_THREADS on CPU $LOAD_CPUS
+sidecar: proxy.fast_lane ${FAST_LANE:-true (default)}, ${ROUTES:-0} routes (0: the single-upstream form)${VARIANTS:+; variants: $VARIANTS}
 rounds: $ROUNDS x ${DURATION}s (after ${WARMUP}s warm-up), connections: $CONNS, stream: $STREAM_MIB MiB
 versions: $("$NGINX" -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -n1 | awk '{print $1, $2}'), $("$SIDECAR" --version)
 EOF

@@ -8,7 +8,9 @@ import statistics
 import sys
 from collections import defaultdict
 
-TARGETS = ["direct", "nginx", "token-sidecar"]
+TARGETS = ["direct", "nginx", "token-sidecar", "nginx-tls", "token-sidecar-tls"]
+# token-sidecar/nginx ratios, per upstream scheme (variants: to the http one).
+PAIRS = [("token-sidecar", "nginx", "http"), ("token-sidecar-tls", "nginx-tls", "https")]
 
 # metric: (ratio must be >= or <=, bound)
 GOALS = {
@@ -32,12 +34,14 @@ def main():
 
     runs = defaultdict(list)
     for line in open(results):
-        rnd, target, conns, rps, p50, p99, requests, ticks, hwm, errors, tree = line.split("\t")
+        rnd, target, conns, rps, p50, p99, requests, ticks, hwm, errors, tree, p90, pmax = line.split("\t")
         requests = int(requests)
         runs[(int(conns), target)].append({
             "rps": float(rps),
             "p50": float(p50),
+            "p90": float(p90),
             "p99": float(p99),
+            "max": float(pmax),
             "cpu": int(ticks) / clk_tck / max(requests, 1) * 1e6,
             "rss": int(tree) / 1024,
             "rss1": int(hwm) / 1024,
@@ -53,6 +57,12 @@ def main():
             "rss1": int(hwm) / 1024,
         })
 
+    # Variants (token-sidecar+NAME), in the order they were measured.
+    for _, target in runs:
+        if target not in TARGETS:
+            TARGETS.append(target)
+            PAIRS.append((target, "nginx", target.split("+", 1)[1]))
+
     def med(rows, key):
         return statistics.median(r[key] for r in rows)
 
@@ -64,44 +74,48 @@ def main():
     print("RSS = peak resident set (VmHWM) of the whole server: nginx master + worker,")
     print("token-sidecar's one process; 'worker' = the serving process alone.")
     print()
-    hdr = (f"{'conns':>5}  {'target':<14}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}"
-           f"{'RSS MiB':>9}{'worker':>8}{'errors':>8}")
+    hdr = (f"{'conns':>5}  {'target':<18}{'req/s':>9}{'p50 ms':>8}{'p90 ms':>8}{'p99 ms':>8}"
+           f"{'max ms':>8}{'CPU us/req':>11}{'RSS MiB':>9}{'worker':>8}{'errors':>7}")
     print(hdr)
     print("-" * len(hdr))
+    keys = ("rps", "p50", "p90", "p99", "max", "cpu", "rss", "rss1")
     ratios = {}
     for conns in sorted({c for c, _ in runs}):
         for target in TARGETS:
             rows = runs.get((conns, target))
             if not rows:
                 continue
-            print(f"{conns:>5}  {target:<14}{med(rows, 'rps'):>9.0f}{med(rows, 'p50'):>9.2f}"
-                  f"{med(rows, 'p99'):>9.2f}{med(rows, 'cpu'):>12.1f}{med(rows, 'rss'):>9.1f}"
-                  f"{med(rows, 'rss1'):>8.1f}{sum(r['errors'] for r in rows):>8}")
-        a, b = runs.get((conns, "token-sidecar")), runs.get((conns, "nginx"))
-        if a and b:
-            ratios[conns] = {k: med(a, k) / med(b, k) for k in ("rps", "p50", "p99", "cpu", "rss", "rss1")}
-            r = ratios[conns]
-            print(f"{conns:>5}  {'sidecar/nginx':<14}{r['rps']:>8.2f}x{r['p50']:>8.2f}x"
-                  f"{r['p99']:>8.2f}x{r['cpu']:>11.2f}x{r['rss']:>8.2f}x{r['rss1']:>7.2f}x")
+            print(f"{conns:>5}  {target:<18}{med(rows, 'rps'):>9.0f}{med(rows, 'p50'):>8.2f}"
+                  f"{med(rows, 'p90'):>8.2f}{med(rows, 'p99'):>8.2f}{med(rows, 'max'):>8.1f}"
+                  f"{med(rows, 'cpu'):>11.1f}{med(rows, 'rss'):>9.1f}{med(rows, 'rss1'):>8.1f}"
+                  f"{sum(r['errors'] for r in rows):>7}")
+        for ours, theirs, scheme in PAIRS:
+            a, b = runs.get((conns, ours)), runs.get((conns, theirs))
+            if a and b:
+                r = ratios[(scheme, conns)] = {k: med(a, k) / med(b, k) for k in keys}
+                print(f"{conns:>5}  {'vs nginx ' + scheme:<18}{r['rps']:>8.2f}x{r['p50']:>7.2f}x"
+                      f"{r['p90']:>7.2f}x{r['p99']:>7.2f}x{r['max']:>7.2f}x{r['cpu']:>10.2f}x"
+                      f"{r['rss']:>8.2f}x{r['rss1']:>7.2f}x")
         print()
 
     if streams:
-        print(f"{'stream':<14}{'MB/s':>9}{'RSS MiB':>9}{'worker':>8}")
+        print(f"{'stream':<18}{'MB/s':>9}{'RSS MiB':>9}{'worker':>8}")
         for target in TARGETS:
             rows = streams.get(target)
             if rows:
-                print(f"{target:<14}{med(rows, 'mbps'):>9.0f}{med(rows, 'rss'):>9.1f}{med(rows, 'rss1'):>8.1f}")
+                print(f"{target:<18}{med(rows, 'mbps'):>9.0f}{med(rows, 'rss'):>9.1f}{med(rows, 'rss1'):>8.1f}")
         print()
 
     print("Targets (token-sidecar/nginx):")
-    for conns, r in ratios.items():
-        print(f"  c={conns}: req/s {verdict('rps', r['rps'])}; p99 {verdict('p99', r['p99'])};")
+    for (scheme, conns), r in ratios.items():
+        print(f"  {scheme} c={conns}: req/s {verdict('rps', r['rps'])}; p99 {verdict('p99', r['p99'])};")
         print(f"         CPU/req {verdict('cpu', r['cpu'])}; peak RSS {verdict('rss', r['rss'])}"
               f" ({r['rss1']:.2f}x nginx's worker alone)")
-    if streams.get("token-sidecar") and streams.get("nginx"):
-        s = med(streams["token-sidecar"], "mbps") / med(streams["nginx"], "mbps")
-        rss = med(streams["token-sidecar"], "rss") / med(streams["nginx"], "rss")
-        print(f"  stream: MB/s {verdict('mbps', s)}; peak RSS {rss:.2f}x")
+    for ours, theirs, scheme in PAIRS:
+        if streams.get(ours) and streams.get(theirs):
+            s = med(streams[ours], "mbps") / med(streams[theirs], "mbps")
+            rss = med(streams[ours], "rss") / med(streams[theirs], "rss")
+            print(f"  {scheme} stream: MB/s {verdict('mbps', s)}; peak RSS {rss:.2f}x")
     bad = [t for t, rows in streams.items() for r in rows if r["size"] != rows[0]["size"]]
     if bad or any(r["errors"] for rows in runs.values() for r in rows):
         print("WARNING: errors or short downloads above; figures are not comparable")

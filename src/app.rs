@@ -26,7 +26,7 @@ pub const WORKER_THREAD_NAME: &str = "sidecar-worker";
 
 /// How many runtime worker threads to start, and why that many.
 ///
-/// `runtime.worker_threads` when set (not 0); else
+/// `runtime.worker_threads` when not 0 (the default is 1); with 0,
 /// `std::thread::available_parallelism`, which on Linux is the affinity mask
 /// (cpuset, `taskset`) capped by the cgroup CPU quota, v2 `cpu.max` or v1
 /// `cpu.cfs_quota_us / cpu.cfs_period_us`, rounded down and at least 1. So a

@@ -219,6 +219,8 @@ pub struct LogConfig {
 
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
+    /// Default 1: one worker gives the best tail latency on CPUs shared with
+    /// the app and is far above a sidecar's usual load (`docs/performance.md`).
     /// 0: the cgroup's CPU quota (or the host's cores when there is none).
     pub worker_threads: usize,
 }
@@ -426,7 +428,7 @@ pub fn load_with_env(fig: Figment, env_names: &[String]) -> Result<Loaded, Confi
         level: r.string("log.level").unwrap_or_else(|| "info".into()),
     };
     let runtime = RuntimeConfig {
-        worker_threads: r.value("runtime.worker_threads", 0),
+        worker_threads: r.value("runtime.worker_threads", 1),
     };
     let config = Config {
         single_upstream: credentials.first().is_some_and(|p| p.table == "oauth"),

@@ -1,14 +1,16 @@
 //! The tokio runtime of a running sidecar.
 //!
-//! With one worker (a pod whose CPU quota is one core or less, the common
-//! sidecar case) the runtime is tokio's current-thread scheduler on one
+//! With one worker (the default, `runtime.worker_threads = 1`) the runtime
+//! is tokio's current-thread scheduler on one
 //! dedicated thread: every task, the listener's and the upstream client's
 //! connections alike, runs there, and a wake-up is a push onto a local queue.
 //! The multi-thread scheduler with one worker gives the same parallelism but
 //! pays for work-stealing queues, cross-thread wake-ups through the driver and
 //! atomics on every task transition: measured with `bench/run.sh` (proxy
 //! pinned to one core) it cost about 25% more CPU per proxied request, most of
-//! it in the kernel. With more workers the multi-thread scheduler is used.
+//! it in the kernel. With more workers the multi-thread scheduler is used;
+//! on two CPUs shared with the load it made the tail longer (p99 1.4x at 256
+//! connections against one worker), which is why one is the default.
 
 use std::future::Future;
 use std::io;

@@ -417,9 +417,34 @@ async fn the_runtime_runs_the_configured_number_of_named_worker_threads() {
         "main thread: {names:?}"
     );
 
-    // Default: what the CPU quota and affinity allow. Pinned to one CPU, one.
+    // Default: one worker, however many CPUs the process may use.
+    let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut p = Process::run_config(&toml, |_| {});
+    let started = p.wait_event(LIMIT, "starting the runtime").await;
+    assert_eq!(
+        started["worker_threads"], 1,
+        "{started} ({allowed} CPUs allowed)"
+    );
+    p.wait_event(LIMIT, "token obtained").await;
+    let names = thread_names(p.pid());
+    assert_eq!(
+        names.iter().filter(|n| *n == "sidecar-worker").count(),
+        1,
+        "{names:?}"
+    );
+    drop(p);
+
+    // 0: what the CPU quota and affinity allow: every allowed CPU...
+    let auto = format!("{toml}\n[runtime]\nworker_threads = 0\n");
+    let mut p = Process::run_config(&auto, |_| {});
+    let started = p.wait_event(LIMIT, "starting the runtime").await;
+    assert_eq!(started["worker_threads"], allowed, "{started}");
+    assert_eq!(started["source"], "cpu quota and affinity");
+    drop(p);
+
+    // ...so pinned to one CPU, one.
     let mut cmd = sidecar_process::command();
-    let (_dir, path) = sidecar_process::write_config(&toml);
+    let (_dir, path) = sidecar_process::write_config(&auto);
     cmd.arg("--config").arg(&path);
     // SAFETY: sched_setaffinity is a plain system call, safe between fork and exec.
     unsafe {

@@ -37,14 +37,7 @@ pub async fn run(proxy_port: u16, admin_port: u16) -> Result<(), DemoError> {
     let api = fake::backoffice(world.clone(), loopback)
         .await
         .map_err(DemoError::Fake)?;
-    let (id, secret, user, password) = world.with(|w| {
-        (
-            w.client_id.clone(),
-            w.client_secret.clone(),
-            w.username.clone(),
-            w.password.clone(),
-        )
-    });
+    let (id, secret, user, password) = world.login();
     let toml = format!(
         r#"
 [proxy]

@@ -366,14 +366,7 @@ impl Side {
         let upstream = RawUpstream::start()
             .await
             .expect("a raw upstream on loopback");
-        let (id, secret, user, password) = world.with(|w| {
-            (
-                w.client_id.clone(),
-                w.client_secret.clone(),
-                w.username.clone(),
-                w.password.clone(),
-            )
-        });
+        let (id, secret, user, password) = world.login();
         let toml = format!(
             r#"
 [proxy]

@@ -200,6 +200,19 @@ impl World {
         f(&mut self.lock())
     }
 
+    /// What a config needs to log in: client id and secret, username and
+    /// password, as the fake currently accepts them.
+    pub fn login(&self) -> (String, String, String, String) {
+        self.with(|w| {
+            (
+                w.client_id.clone(),
+                w.client_secret.clone(),
+                w.username.clone(),
+                w.password.clone(),
+            )
+        })
+    }
+
     /// Revokes every access token issued so far (the backoffice answers 401).
     pub fn revoke_access_tokens(&self) {
         self.with(|w| w.access.values_mut().for_each(|t| t.revoked = true));

@@ -474,14 +474,7 @@ pub fn config_for(world: &World, token_url: &str, upstream: &str, overrides: &st
 /// A `[credentials.NAME]` table for the client (and, with `grant =
 /// "password"`, the user) of the fake world `world`, at `token_url`.
 pub fn profile_toml(name: &str, world: &World, token_url: &str, grant: &str) -> String {
-    let (id, secret, user, password) = world.with(|w| {
-        (
-            w.client_id.clone(),
-            w.client_secret.clone(),
-            w.username.clone(),
-            w.password.clone(),
-        )
-    });
+    let (id, secret, user, password) = world.login();
     let user = if grant == "password" {
         format!("username = \"{user}\"\npassword = \"{password}\"\n")
     } else {

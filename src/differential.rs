@@ -154,6 +154,14 @@ impl Case {
 /// A field line: name as written, value as written (trimmed).
 pub type Field = (Vec<u8>, Vec<u8>);
 
+/// A parsed head's fields, owned.
+fn owned_fields(headers: &[httparse::Header<'_>]) -> Vec<Field> {
+    headers
+        .iter()
+        .map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec()))
+        .collect()
+}
+
 /// A request as the upstream read it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UpRequest {
@@ -752,11 +760,7 @@ async fn read_request(r: &mut Reader<'_>) -> Option<UpRequest> {
     let Ok(httparse::Status::Complete(_)) = req.parse(&head) else {
         return Some(UpRequest::Unreadable(head));
     };
-    let fields: Vec<Field> = req
-        .headers
-        .iter()
-        .map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec()))
-        .collect();
+    let fields = owned_fields(req.headers);
     let (method, target, minor) = (
         req.method.unwrap_or_default().as_bytes().to_vec(),
         req.path.unwrap_or_default().as_bytes().to_vec(),
@@ -798,11 +802,7 @@ async fn read_response(r: &mut Reader<'_>, method: &[u8]) -> Result<Response, En
         rest.append(&mut r.buf);
         return Err(End::Unreadable(rest));
     };
-    let fields: Vec<Field> = resp
-        .headers
-        .iter()
-        .map(|h| (h.name.as_bytes().to_vec(), h.value.to_vec()))
-        .collect();
+    let fields = owned_fields(resp.headers);
     let status = resp.code.unwrap_or_default();
     let mut out = Response {
         minor: resp.version.unwrap_or_default(),

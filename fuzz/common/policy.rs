@@ -30,6 +30,17 @@ impl TokenEndpoint for Silent {
     }
 }
 
+/// The one current-thread runtime of a fuzz process.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    })
+}
+
 fn build(forwarded: bool) -> Policy {
     let toml = format!(
         r#"
@@ -48,14 +59,7 @@ password = "p"
         .expect("the fuzz config is valid")
         .config;
     // The refresher is a task; it waits forever on a runtime nobody drives.
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    let rt = RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime")
-    });
-    let _enter = rt.enter();
+    let _enter = runtime().enter();
     let metrics = Arc::new(Metrics::new());
     let profile = config
         .credentials

@@ -14,7 +14,6 @@
 #[path = "../common/policy.rs"]
 mod common;
 
-use std::sync::OnceLock;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -244,13 +243,7 @@ enum Hyper {
 }
 
 fn hyper(data: &[u8]) -> Hyper {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    let rt = RT.get_or_init(|| {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime")
-    });
+    let rt = common::runtime();
     let data = Bytes::copy_from_slice(data);
     rt.block_on(async move {
         let (client, mut server) = tokio::io::duplex(1 << 20);

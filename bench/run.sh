@@ -18,10 +18,14 @@
 #   TLS=1: also the https upstream (0: plain http only)
 #   PLACEMENT=pinned (default) | unpinned: every process may run on every CPU
 #   PROXY_CPUS, UPSTREAM_CPUS, LOAD_CPUS: taskset CPU lists (see placement below)
-#   FAST_LANE, ROUTES: the sidecar's config (bench/sidecar_config.sh)
+#   FAST_LANE, ROUTES: the sidecar's config (bench/lib.sh)
 #   VARIANTS="NAME:VAR=VALUE[,VAR=VALUE] ...": more targets, token-sidecar+NAME,
 #     the plain-http sidecar with those environment overrides, e.g.
-#     VARIANTS="nolog:TOKEN_SIDECAR_PROXY__ACCESS_LOG=false"
+#     VARIANTS="nolog:TOKEN_SIDECAR_PROXY__ACCESS_LOG=false"; a NAME ending in
+#     -tls uses the https upstream; BIN=PATH in the list runs that binary
+#     (two builds side by side: VARIANTS="old-tls:BIN=/tmp/token-sidecar-old")
+#   ONLY="TARGET ...": measure only these targets (e.g. "nginx-tls token-sidecar-tls")
+#   STREAM=0: skip the streaming downloads
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -144,19 +148,13 @@ wait_http() { # URL: until it answers 2xx, at most 10 s
 # --- fixtures -----------------------------------------------------------------
 TOKEN=$(python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import token_endpoint; print(token_endpoint.TOKEN)' "$BENCH")
 BODY='{"id":"b3f1c2d4-5e6f-4a7b-8c9d-0e1f2a3b4c5d","status":"APPROVED","amount":{"value":"125.00","currency":"EUR"},"merchant":"bench-merchant-0001","created":"2024-05-01T12:00:00Z","tags":["bench","static"]}'
-say "creating a ${STREAM_MIB} MiB file in $DATA_DIR"
-dd if=/dev/zero of="$DATA_DIR/big.bin" bs=1M count="$STREAM_MIB" status=none
+if [ "${STREAM:-1}" != 0 ]; then
+    say "creating a ${STREAM_MIB} MiB file in $DATA_DIR"
+    dd if=/dev/zero of="$DATA_DIR/big.bin" bs=1M count="$STREAM_MIB" status=none
+fi
 
-# A private CA and the upstream's certificate (for 127.0.0.1 and the name
-# nginx verifies, upstream.bench), as a real https upstream would have.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-    -subj /CN=bench-ca -keyout "$WORK/ca.key" -out "$WORK/ca.pem" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=upstream.bench \
-    -keyout "$WORK/upstream.key" -out "$WORK/upstream.csr" 2>/dev/null
-printf 'subjectAltName=DNS:upstream.bench,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$WORK/upstream.ext"
-openssl x509 -req -in "$WORK/upstream.csr" -CA "$WORK/ca.pem" -CAkey "$WORK/ca.key" \
-    -CAcreateserial -days 2 -extfile "$WORK/upstream.ext" -out "$WORK/upstream.pem" 2>/dev/null
-chmod 644 "$WORK"/*.pem "$WORK"/*.key
+. "$ROOT/bench/lib.sh"
+make_upstream_cert "$WORK"
 
 cat >"$WORK/upstream.conf" <<EOF
 worker_processes 1;
@@ -185,55 +183,9 @@ http {
 }
 EOF
 
-# nginx as the proxy, to the http or the https upstream.
-write_nginx_proxy_conf() { # FILE SCHEME
-    local port=$UP_PORT tls=
-    if [ "$2" = https ]; then
-        port=$UP_TLS_PORT
-        # Verified like the sidecar verifies; sessions resumed on reconnect.
-        tls="proxy_ssl_verify on;
-            proxy_ssl_trusted_certificate $WORK/ca.pem;
-            proxy_ssl_name upstream.bench;
-            proxy_ssl_server_name on;
-            proxy_ssl_session_reuse on;"
-    fi
-    cat >"$1" <<EOF
-worker_processes 1;
-pid $WORK/nginx-proxy.pid;
-events { worker_connections 8192; }
-http {
-    # Combined format, written in 16 KiB batches or after 100 ms, as the
-    # sidecar writes its access log.
-    access_log $WORK/nginx-access.log combined buffer=16k flush=100ms;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    client_body_temp_path $WORK/nginx-client-body;
-    proxy_temp_path $WORK/nginx-proxy-temp;
-    upstream backend {
-        server 127.0.0.1:$port;
-        keepalive 1024;
-        keepalive_requests 100000000;
-        keepalive_timeout 300s;
-    }
-    server {
-        listen 127.0.0.1:$NGINX_PORT backlog=4096;
-        location / {
-            proxy_pass $2://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "Bearer $TOKEN";
-            # Stream large answers through memory buffers, never a temp file.
-            proxy_max_temp_file_size 0;
-            $tls
-        }
-    }
-}
-EOF
-}
 write_nginx_proxy_conf "$WORK/nginx-proxy.conf" http
 write_nginx_proxy_conf "$WORK/nginx-tls-proxy.conf" https
 
-. "$ROOT/bench/sidecar_config.sh"
 UPSTREAM_URL=https://127.0.0.1:$UP_TLS_PORT/ CA_FILE=$WORK/ca.pem write_sidecar_config "$WORK/sidecar-tls.toml"
 write_sidecar_config "$WORK/sidecar.toml"
 
@@ -256,9 +208,13 @@ nginx_worker() { # MASTER -> the worker's pid (worker_processes 1)
 }
 
 start_sidecar() { # CONFIG [VAR=VALUE,...] -> sets STARTED
-    local overrides=()
+    local overrides=() env=() bin=$SIDECAR o
     [ -n "${2:-}" ] && IFS=, read -r -a overrides <<<"$2"
-    env "${overrides[@]}" taskset -c "$PROXY_CPUS" "$SIDECAR" --config "$1" >"$WORK/sidecar.log" 2>&1 &
+    for o in ${overrides[@]+"${overrides[@]}"}; do
+        case $o in BIN=*) bin=${o#BIN=} ;; *) env+=("$o") ;; esac
+    done
+    [ -x "$bin" ] || die "no binary at $bin"
+    env ${env[@]+"${env[@]}"} taskset -c "$PROXY_CPUS" "$bin" --config "$1" >"$WORK/sidecar.log" 2>&1 &
     STARTED=$!
     PIDS+=("$STARTED")
     wait_http "http://127.0.0.1:$ADMIN_PORT/readyz"
@@ -299,7 +255,7 @@ start_target() {
         STOP_PID=
         ;;
     nginx | nginx-tls)
-        rm -f "$WORK/nginx-access.log"
+        rm -f
         start_nginx "$WORK/$1-proxy.conf" "$PROXY_CPUS" nginx-proxy
         STOP_PID=$STARTED
         TREE_PID=$STARTED
@@ -309,7 +265,7 @@ start_target() {
         ;;
     token-sidecar | token-sidecar-tls | token-sidecar+*)
         local config=sidecar overrides=
-        [ "$1" = token-sidecar-tls ] && config=sidecar-tls
+        [[ $1 == *-tls ]] && config=sidecar-tls
         [[ $1 == token-sidecar+* ]] && overrides=$(variant_env "${1#token-sidecar+}")
         start_sidecar "$WORK/$config.toml" "$overrides"
         STOP_PID=$STARTED
@@ -397,6 +353,11 @@ variant_env() { # NAME -> its VAR=VALUE list from VARIANTS
 TARGETS=(direct nginx token-sidecar)
 [ "$TLS" = 1 ] && TARGETS+=(nginx-tls token-sidecar-tls)
 for v in ${VARIANTS:-}; do TARGETS+=("token-sidecar+${v%%:*}"); done
+if [ -n "${ONLY:-}" ]; then
+    all=("${TARGETS[@]}") TARGETS=()
+    for t in "${all[@]}"; do [[ " $ONLY " == *" $t "* ]] && TARGETS+=("$t"); done
+    [ ${#TARGETS[@]} -gt 0 ] || die "ONLY=\"$ONLY\" names none of: ${all[*]}"
+fi
 n=${#TARGETS[@]}
 for round in $(seq "$ROUNDS"); do
     for conns in $CONNS; do
@@ -405,6 +366,7 @@ for round in $(seq "$ROUNDS"); do
             measure "$round" "${TARGETS[$(((i + round + conns) % n))]}" "$conns"
         done
     done
+    [ "${STREAM:-1}" = 0 ] && continue
     for i in $(seq 0 $((n - 1))); do
         stream "$round" "${TARGETS[$(((i + round) % n))]}"
     done

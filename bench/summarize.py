@@ -9,7 +9,8 @@ import sys
 from collections import defaultdict
 
 TARGETS = ["direct", "nginx", "token-sidecar", "nginx-tls", "token-sidecar-tls"]
-# token-sidecar/nginx ratios, per upstream scheme (variants: to the http one).
+# token-sidecar/nginx ratios, per upstream scheme (variants: to the http one,
+# or to the https one when their name ends in -tls).
 PAIRS = [("token-sidecar", "nginx", "http"), ("token-sidecar-tls", "nginx-tls", "https")]
 
 # metric: (ratio must be >= or <=, bound)
@@ -61,7 +62,8 @@ def main():
     for _, target in runs:
         if target not in TARGETS:
             TARGETS.append(target)
-            PAIRS.append((target, "nginx", target.split("+", 1)[1]))
+            PAIRS.append((target, "nginx-tls" if target.endswith("-tls") else "nginx",
+                          target.split("+", 1)[1]))
 
     def med(rows, key):
         return statistics.median(r[key] for r in rows)

@@ -124,6 +124,24 @@ impl AsyncWrite for UpIo {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpIo::Plain(s) => s.is_write_vectored(),
+            UpIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpIo::Plain(s) => Pin::new(s).poll_flush(cx),
@@ -310,6 +328,32 @@ impl FieldSink for Lines<'_> {
         for p in parts {
             self.0.extend_from_slice(p);
         }
+    }
+}
+
+/// [`Lines`], but the token's value is not copied: only where it goes is
+/// noted, and [`write_head`] sends it from the one shared copy. The token
+/// is a kilobyte or more; copied into each connection's buffer it is the
+/// largest write a request makes to memory that, with hundreds of
+/// connections, has left the CPU's caches since that connection's last
+/// request (`CACHE_SIM=1 bench/profile.sh`, docs/performance.md).
+struct BearerLines<'a, 'b> {
+    out: &'a mut Vec<u8>,
+    bearer: &'b HeaderValue,
+    at: Option<usize>,
+}
+
+impl FieldSink for BearerLines<'_, '_> {
+    fn field(&mut self, name: &'static str, parts: &[&[u8]]) {
+        Lines(self.out).field(name, parts);
+    }
+
+    fn value(&mut self, name: &'static str, value: &HeaderValue) {
+        if self.at.is_some() || !std::ptr::eq(value, self.bearer) {
+            return Lines(self.out).value(name, value);
+        }
+        Lines(self.out).field(name, &[]);
+        self.at = Some(self.out.len());
     }
 }
 
@@ -660,14 +704,25 @@ impl<H> Conn<'_, H> {
                 Err(Checkout::Failed(e)) => return Err(LaneError::Connect(e).into()),
             };
             self.out.truncate(self.template);
-            policy.write_bearer(&mut Lines(&mut self.out), bearer);
+            let mut sink = BearerLines {
+                out: &mut self.out,
+                bearer,
+                at: None,
+            };
+            policy.write_bearer(&mut sink, bearer);
+            // The head goes out as: out[..at], the token, out[at..].
+            let idle = self.shared.body_idle_timeout;
+            let (at, token) = match sink.at {
+                Some(at) => (at, bearer.as_bytes()),
+                None => (self.out.len(), &b""[..]),
+            };
             self.out.extend_from_slice(b"\r\n\r\n");
             let length = self.req.length as usize;
             let in_buf = (self.buf.len() - self.head.len).min(length);
             let sent_all = match &mut body {
                 Body::Copy(copy) => {
                     self.out.extend_from_slice(copy);
-                    write_up(&mut up.io, &self.out, self.shared.body_idle_timeout).await?;
+                    write_head(&mut up.io, &self.out, at, token, idle).await?;
                     true
                 }
                 Body::Client(copy) => {
@@ -676,7 +731,7 @@ impl<H> Conn<'_, H> {
                     if let Some(c) = copy.as_mut() {
                         c.extend_from_slice(first);
                     }
-                    write_up(&mut up.io, &self.out, self.shared.body_idle_timeout).await?;
+                    write_head(&mut up.io, &self.out, at, token, idle).await?;
                     ex.bytes_up.fetch_add(in_buf as u64, Ordering::Relaxed);
                     let rest = (length - in_buf) as u64;
                     let all = rest == 0 || self.stream_body(&mut up, rest, copy, ex).await?;
@@ -1137,12 +1192,50 @@ impl From<h1::BadChunk> for BodyFault {
     }
 }
 
+/// Writes `out` with `token` inserted at `at`, in vectored writes (one
+/// system call, or one TLS record, as a single buffer would be), then
+/// flushes (TLS may keep records back until flushed).
+async fn write_head(
+    io: &mut UpIo,
+    out: &[u8],
+    at: usize,
+    token: &[u8],
+    idle: Duration,
+) -> Result<(), LaneError> {
+    let (head, rest) = out.split_at(at);
+    let write = async {
+        let mut slices = [
+            io::IoSlice::new(head),
+            io::IoSlice::new(token),
+            io::IoSlice::new(rest),
+        ];
+        let mut bufs = &mut slices[..];
+        while !bufs.is_empty() {
+            let n = io.write_vectored(bufs).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            io::IoSlice::advance_slices(&mut bufs, n);
+        }
+        io.flush().await
+    };
+    within(idle, write).await
+}
+
 async fn write_up(io: &mut UpIo, bytes: &[u8], idle: Duration) -> Result<(), LaneError> {
     let write = async {
         io.write_all(bytes).await?;
         // TLS may keep records back until flushed; TCP: a no-op.
         io.flush().await
     };
+    within(idle, write).await
+}
+
+/// An upstream write, given `idle` to complete (`proxy.body_idle_timeout`).
+async fn within(
+    idle: Duration,
+    write: impl Future<Output = io::Result<()>>,
+) -> Result<(), LaneError> {
     match timeout(idle, write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(LaneError::Io(e)),
@@ -1210,5 +1303,41 @@ impl<T: AsyncWrite> AsyncWrite for Prefixed<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A head larger than the socket takes at once goes out whole and in
+    /// order: the vectored write resumes mid-slice, inside the token too.
+    #[tokio::test]
+    async fn a_spliced_head_survives_partial_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let client = client.unwrap();
+        let (mut server, _) = accepted.unwrap();
+        socket2::SockRef::from(&client)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let out: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let token: Vec<u8> = (0..200_000u32).map(|i| b'a' + (i % 13) as u8).collect();
+        let at = 100_003;
+        let mut expected = out[..at].to_vec();
+        expected.extend_from_slice(&token);
+        expected.extend_from_slice(&out[at..]);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut io = UpIo::Plain(client);
+        write_head(&mut io, &out, at, &token, Duration::from_secs(10))
+            .await
+            .unwrap();
+        drop(io);
+        assert!(reader.await.unwrap() == expected, "the bytes differ");
     }
 }

@@ -991,7 +991,29 @@ fn normal(fields: &[Field], t: &Transcript) -> Vec<Field> {
             (name, value)
         })
         .collect();
+    out = combine_trailer_lines(out);
     out.sort_by_key(|(n, _)| n.to_ascii_lowercase());
+    out
+}
+
+/// Several `Trailer` lines are one list (RFC 9110 5.3): hyper writes them
+/// as one line joined by ", ", the lane passes them as they came. Either
+/// form means the same, so they are compared as one line.
+fn combine_trailer_lines(fields: Vec<Field>) -> Vec<Field> {
+    let mut out: Vec<Field> = Vec::with_capacity(fields.len());
+    let mut first: Option<usize> = None;
+    for (name, value) in fields {
+        if !name.eq_ignore_ascii_case(b"trailer") {
+            out.push((name, value));
+        } else if let Some(i) = first {
+            let joined = &mut out[i].1;
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(&value);
+        } else {
+            first = Some(out.len());
+            out.push((b"trailer".to_vec(), value));
+        }
+    }
     out
 }
 

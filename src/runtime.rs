@@ -5,12 +5,14 @@
 //! dedicated thread: every task, the listener's and the upstream client's
 //! connections alike, runs there, and a wake-up is a push onto a local queue.
 //! The multi-thread scheduler with one worker gives the same parallelism but
-//! pays for work-stealing queues, cross-thread wake-ups through the driver and
-//! atomics on every task transition: measured with `bench/run.sh` (proxy
-//! pinned to one core) it cost about 25% more CPU per proxied request, most of
-//! it in the kernel. With more workers the multi-thread scheduler is used;
-//! on two CPUs shared with the load it made the tail longer (p99 1.4x at 256
-//! connections against one worker), which is why one is the default.
+//! pays for work-stealing queues, cross-thread wake-ups through the driver
+//! and atomics on every task transition: 1.5% more user-space instructions
+//! per proxied request under callgrind and, with every process free to run
+//! on either CPU, 11-19% more CPU per request over plain http in
+//! `bench/run.sh` (docs/performance.md, "Tail latency"). With more workers
+//! the multi-thread scheduler is used; on two CPUs shared with the load it
+//! made the tail longer (p99 1.4x at 256 connections against one worker),
+//! which is why one is the default.
 
 use std::future::Future;
 use std::io;

@@ -69,6 +69,12 @@ make_upstream_cert() {
   chmod 644 "$dir"/*.pem "$dir"/*.key
 }
 
+# The access token bench/token_endpoint.py issues, which nginx sends as a
+# static header. Needs BENCH (the bench/ folder).
+bench_token() {
+  python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import token_endpoint; print(token_endpoint.TOKEN)' "$BENCH"
+}
+
 # nginx as the proxy, to the http or the https upstream: one worker, a
 # keep-alive upstream pool, the static token, the access log batched like the
 # sidecar's. Needs WORK, UP_PORT, UP_TLS_PORT, NGINX_PORT and TOKEN.

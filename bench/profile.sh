@@ -81,7 +81,7 @@ case $PROXY in
 token-sidecar) PROXY_CMD=("$SIDECAR" --config "$WORK/sidecar.toml") NAME=$(basename "$(dirname "$SIDECAR")") ;;
 nginx)
     # The same static token the sidecar gets from the token endpoint.
-    TOKEN=$(python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import token_endpoint; print(token_endpoint.TOKEN)' "$BENCH")
+    TOKEN=$(bench_token)
     NGINX_PORT=$SIDECAR_PORT SIDECAR_PATH=/
     write_nginx_proxy_conf "$WORK/nginx-proxy.conf" "$([ "${TLS:-0}" = 1 ] && echo https || echo http)"
     # One process serves, as with worker_processes 1, but under valgrind.

@@ -146,14 +146,14 @@ wait_http() { # URL: until it answers 2xx, at most 10 s
 }
 
 # --- fixtures -----------------------------------------------------------------
-TOKEN=$(python3 -c 'import sys; sys.path.insert(0, sys.argv[1]); import token_endpoint; print(token_endpoint.TOKEN)' "$BENCH")
+. "$ROOT/bench/lib.sh"
+TOKEN=$(bench_token)
 BODY='{"id":"b3f1c2d4-5e6f-4a7b-8c9d-0e1f2a3b4c5d","status":"APPROVED","amount":{"value":"125.00","currency":"EUR"},"merchant":"bench-merchant-0001","created":"2024-05-01T12:00:00Z","tags":["bench","static"]}'
 if [ "${STREAM:-1}" != 0 ]; then
     say "creating a ${STREAM_MIB} MiB file in $DATA_DIR"
     dd if=/dev/zero of="$DATA_DIR/big.bin" bs=1M count="$STREAM_MIB" status=none
 fi
 
-. "$ROOT/bench/lib.sh"
 make_upstream_cert "$WORK"
 
 cat >"$WORK/upstream.conf" <<EOF
